@@ -120,14 +120,23 @@ pub enum EncodeError {
 // Decoding: image bytes to JSON text.
 // ---------------------------------------------------------------------------------------------
 
-/// Renders `image` as crit's JSON; `pretty` selects `--pretty` (indented, with hex, flag and
-/// device renderings). No trailing newline.
+/// How to render an image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// crit's `--pretty`: indented, with hex, flag, device and name renderings.
+    pub pretty: bool,
+    /// crit's `show --nopl`: payloads replaced by their size, as `"... <4KB>"`.
+    pub no_payload: bool,
+}
+
+/// Renders `image` as crit's JSON, without a trailing newline.
 ///
 /// # Errors
 ///
 /// Framing errors and malformed messages.
-pub fn decode(image: &Image<'_>, pretty: bool) -> Result<String, DecodeError> {
+pub fn decode(image: &Image<'_>, options: DecodeOptions) -> Result<String, DecodeError> {
     let layout = image.layout()?;
+    let pretty = options.pretty;
     let mut w = JsonWriter::new(pretty);
     w.begin_object();
     w.key("magic");
@@ -136,7 +145,7 @@ pub fn decode(image: &Image<'_>, pretty: bool) -> Result<String, DecodeError> {
     w.begin_array();
     for entry in image.entries()? {
         let entry = entry?;
-        decode_entry(&mut w, &entry, layout, pretty)?;
+        decode_entry(&mut w, &entry, layout, options)?;
     }
     w.end_array();
     w.end_object();
@@ -175,8 +184,9 @@ fn decode_entry(
     w: &mut JsonWriter,
     entry: &Entry<'_>,
     layout: Layout,
-    pretty: bool,
+    options: DecodeOptions,
 ) -> Result<(), DecodeError> {
+    let pretty = options.pretty;
     let message = message_schema(entry.message_type)?;
     let malformed = |source| DecodeError::Malformed {
         index: entry.index,
@@ -191,18 +201,52 @@ fn decode_entry(
         Layout::Uniform { payload, .. } => payload,
         Layout::Pagemap => PayloadRule::None,
         Layout::GhostFile => {
-            if let Payload::Bytes(bytes) = entry.payload {
+            // crit leaves ghost contents out entirely under --nopl.
+            if let (Payload::Bytes(bytes), false) = (&entry.payload, options.no_payload) {
                 w.key("extra");
                 w.string(&pyfmt::base64_lines(bytes));
             }
             PayloadRule::None
         }
     };
-    if rule != PayloadRule::None {
+    if rule != PayloadRule::None && options.no_payload {
+        w.key("extra");
+        w.string(&format!("... <{}>", human_size(payload_size(&entry.payload))));
+    } else if rule != PayloadRule::None {
         write_payload(w, &entry.payload).map_err(malformed)?;
     }
     w.end_object();
     Ok(())
+}
+
+/// The payload size crit reports under `--nopl`: data bytes without padding, and for message
+/// queues each message's header and text.
+fn payload_size(payload: &Payload<'_>) -> u64 {
+    let size = match payload {
+        Payload::None => 0,
+        Payload::Bytes(bytes) => bytes.len(),
+        Payload::TcpStream { inq, outq } => inq.len() + outq.len(),
+        Payload::Semaphores { values, .. } => values.len(),
+        Payload::Messages(messages) => messages.iter().map(|m| m.header.len() + m.text.len()).sum(),
+        Payload::SharedMemory { data, .. } => data.len(),
+    };
+    size as u64
+}
+
+/// crit's `human_readable`: `512B`, `4KB`, `1.5MB`.
+fn human_size(size: u64) -> String {
+    let mut value = size as f64;
+    for unit in ["", "K", "M", "G", "T", "P", "E", "Z"] {
+        if value < 1024.0 {
+            return if value.fract() == 0.0 {
+                format!("{value:.0}{unit}B")
+            } else {
+                format!("{value:.1}{unit}B")
+            };
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.1}YB")
 }
 
 fn write_payload(w: &mut JsonWriter, payload: &Payload<'_>) -> Result<(), WireError> {
@@ -967,6 +1011,14 @@ mod tests {
         assert_eq!(flags_value("MAP_PRIVATE | MAP_ANON | 0x8000", table), Some(0x8022));
         assert_eq!(flags_value("", table), Some(0));
         assert_eq!(flags_value("MAP_NOPE", table), None);
+    }
+
+    #[test]
+    fn payload_sizes_read_like_crit() {
+        assert_eq!(human_size(0), "0B");
+        assert_eq!(human_size(4096), "4KB");
+        assert_eq!(human_size(1536), "1.5KB");
+        assert_eq!(human_size(65536 * 1024), "64MB");
     }
 
     #[test]

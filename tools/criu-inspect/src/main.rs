@@ -1,1 +1,165 @@
-fn main() {}
+//! `criu-inspect`: look inside CRIU checkpoints.
+//!
+//! The crit commands (`decode`, `encode`, `show`, `info`, `x`) take crit's arguments and print
+//! what crit 4.1.1 prints, so scripts written for crit keep working; `inspect` and `memparse`
+//! go further. Data goes to stdout, diagnostics to stderr.
+//!
+//! Exit codes: 0 success; 1 the input is invalid (a corrupt image, JSON that is not an image,
+//! a checkpoint missing a required image); 2 a usage or system error (bad arguments, a file
+//! that cannot be read or written). A closed stdout (`criu-inspect ... | head`) exits 0.
+
+mod crit;
+mod explore;
+mod inspect;
+mod memparse;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Inspect CRIU checkpoint images: crit-compatible decoding, checkpoint overviews and memory
+/// search.
+#[derive(Debug, Parser)]
+#[command(name = "criu-inspect", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convert an image from binary to JSON (as `crit decode`).
+    Decode {
+        /// Image to decode (stdin by default).
+        #[arg(short = 'i', long = "in")]
+        input: Option<PathBuf>,
+        /// Where to write the JSON (stdout by default).
+        #[arg(short = 'o', long = "out")]
+        output: Option<PathBuf>,
+        /// Indent, and render numbers in their field's format (hex, flags, devices, names).
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Convert an image from JSON to binary (as `crit encode`).
+    Encode {
+        /// JSON to encode (stdin by default).
+        #[arg(short = 'i', long = "in")]
+        input: Option<PathBuf>,
+        /// Where to write the image (stdout by default).
+        #[arg(short = 'o', long = "out")]
+        output: Option<PathBuf>,
+    },
+    /// Print an image as pretty JSON (as `crit show`).
+    Show {
+        /// Image to show.
+        #[arg(value_name = "IN")]
+        input: PathBuf,
+        /// Replace entry payloads (pipe data, socket queues, ...) by their size.
+        #[arg(long)]
+        nopl: bool,
+    },
+    /// Print an image's magic and entry count (as `crit info`).
+    Info {
+        /// Image to count.
+        #[arg(value_name = "IN")]
+        input: PathBuf,
+    },
+    /// Explore an images directory (as `crit x`).
+    X {
+        /// Images directory.
+        dir: PathBuf,
+        /// What to list.
+        what: Explore,
+    },
+    /// Overview of a checkpoint: CRIU version and statistics, process tree with command
+    /// lines, memory, files, sockets, mounts, namespaces, cgroups and LSM labels.
+    Inspect {
+        /// Images directory.
+        dir: PathBuf,
+        /// Print the overview as JSON (schema in docs/inspect-json.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Memory of the checkpointed processes: sizes, hexdumps and search.
+    Memparse {
+        /// Images directory.
+        dir: PathBuf,
+        /// Process to dump or search (without it: a table of every process's memory).
+        #[arg(short, long)]
+        pid: Option<u32>,
+        /// Search the memory for this string.
+        #[arg(short, long, conflicts_with = "regex")]
+        search: Option<String>,
+        /// Search the memory for this regular expression.
+        #[arg(short, long)]
+        regex: Option<String>,
+        /// Bytes of context printed around each match.
+        #[arg(short, long, default_value_t = 32)]
+        context: usize,
+        /// Hexdump the process's dumped memory.
+        #[arg(long)]
+        hexdump: bool,
+        /// Page size of the dumping machine, in bytes.
+        #[arg(long, default_value_t = 4096)]
+        page_size: u64,
+    },
+}
+
+/// The `crit x` listings.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Explore {
+    /// The process tree.
+    Ps,
+    /// Open files of each process.
+    Fds,
+    /// Memory mappings of each process.
+    Mems,
+    /// Dumped pages against mappings.
+    Rss,
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Decode { input, output, pretty } => {
+            crit::decode(input.as_deref(), output.as_deref(), pretty, false)
+        }
+        Command::Encode { input, output } => crit::encode(input.as_deref(), output.as_deref()),
+        Command::Show { input, nopl } => crit::decode(Some(&input), None, true, nopl),
+        Command::Info { input } => crit::info(&input),
+        Command::X { dir, what } => match what {
+            Explore::Ps => explore::ps(&dir),
+            Explore::Fds => explore::fds(&dir),
+            Explore::Mems => explore::mems(&dir),
+            Explore::Rss => explore::rss(&dir),
+        },
+        Command::Inspect { dir, json } => inspect::run(&dir, json),
+        Command::Memparse { dir, pid, search, regex, context, hexdump, page_size } => {
+            let query = match (search, regex) {
+                (Some(text), _) => Some(memparse::Query::Text(text)),
+                (None, Some(pattern)) => Some(memparse::Query::Regex(pattern)),
+                (None, None) => None,
+            };
+            memparse::run(&memparse::Request { dir, pid, query, context, hexdump, page_size })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if output::is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("criu-inspect: {error:#}");
+            ExitCode::from(output::exit_code(&error))
+        }
+    }
+}

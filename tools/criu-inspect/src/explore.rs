@@ -1,0 +1,227 @@
+//! `crit x`: text listings of an images directory, in crit 4.1.1's exact layout.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use criu_images::checkpoint::Checkpoint;
+use criu_images::pb::{self, FdTypes, FileEntry};
+use criu_images::pyfmt;
+
+use crate::output;
+
+const VMA_AREA_REGULAR: u32 = 1 << 0;
+const VMA_AREA_STACK: u32 = 1 << 1;
+const VMA_AREA_VSYSCALL: u32 = 1 << 2;
+const VMA_AREA_VDSO: u32 = 1 << 3;
+const VMA_FILE_PRIVATE: u32 = 1 << 6;
+const VMA_FILE_SHARED: u32 = 1 << 7;
+const VMA_ANON_SHARED: u32 = 1 << 8;
+const VMA_AREA_SYSVIPC: u32 = 1 << 10;
+const VMA_AREA_SOCKET: u32 = 1 << 11;
+const MAP_GROWSDOWN: u32 = 0x100;
+
+fn open(dir: &Path) -> anyhow::Result<Checkpoint> {
+    Checkpoint::open(dir).with_context(|| format!("cannot explore {}", dir.display()))
+}
+
+/// Names files the way crit's explorers do.
+struct FileNames {
+    files: HashMap<u32, FileEntry>,
+}
+
+impl FileNames {
+    fn load(checkpoint: &Checkpoint) -> anyhow::Result<Self> {
+        let files = checkpoint.files()?.into_iter().map(|f| (f.id, f)).collect();
+        Ok(FileNames { files })
+    }
+
+    /// A regular file's path, as crit prints it for cwd, root, exe and file mappings.
+    fn regular(&self, id: u32) -> String {
+        match self.files.get(&id).and_then(|f| f.reg.as_ref()) {
+            Some(reg) if !reg.name.is_empty() => reg.name.clone(),
+            _ => "unknown path".to_owned(),
+        }
+    }
+
+    fn describe(&self, fd_type: i32, id: u32) -> String {
+        let file = self.files.get(&id);
+        match FdTypes::try_from(fd_type) {
+            Ok(FdTypes::Reg) => self.regular(id),
+            Ok(FdTypes::Pipe) => match file.and_then(|f| f.pipe.as_ref()) {
+                Some(pipe) => format!("pipe[{}]", pipe.pipe_id),
+                None => "pipe[?]".to_owned(),
+            },
+            Ok(FdTypes::Unixsk) => match file.and_then(|f| f.usk.as_ref()) {
+                Some(usk) => {
+                    let name = if usk.name.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", pyfmt::quopri_encode(&usk.name))
+                    };
+                    format!("unix[{} ({}){}]", usk.ino, usk.peer, name)
+                }
+                None => "unix[?]".to_owned(),
+            },
+            Ok(other) => format!("{}.{id}", other.as_str_name()),
+            Err(_) => format!("{fd_type}.{id}"),
+        }
+    }
+}
+
+/// `x ps`: the process tree.
+pub fn ps(dir: &Path) -> anyhow::Result<()> {
+    let checkpoint = open(dir)?;
+    let tree = checkpoint.pstree()?;
+    let mut comms = HashMap::new();
+    for task in &tree {
+        let core = checkpoint.core(task.pid)?;
+        comms.insert(task.pid, core.tc.map(|tc| tc.comm).unwrap_or_default());
+    }
+
+    let mut out = format!("{:>7}{:>7}{:>7}   {}\n", "PID", "PGID", "SID", "COMM");
+    // crit takes the last entry without a parent as the root and lists children in pstree
+    // order.
+    if let Some(root) = tree.iter().rev().find(|t| t.ppid == 0) {
+        show_task(&tree, &comms, root, 0, &mut out);
+    }
+    output::write_out(None, out.as_bytes())
+}
+
+fn show_task(
+    tree: &[pb::PstreeEntry],
+    comms: &HashMap<u32, String>,
+    task: &pb::PstreeEntry,
+    depth: usize,
+    out: &mut String,
+) {
+    let comm = comms.get(&task.pid).map_or("", String::as_str);
+    let indent = " ".repeat(4 * depth);
+    let _ = writeln!(out, "{:>7}{:>7}{:>7}   {indent}{comm}", task.pid, task.pgid, task.sid);
+    // A malformed tree could be cyclic; no real tree is deeper than the pid space.
+    if depth > 4_194_304 {
+        return;
+    }
+    for child in tree.iter().filter(|t| t.ppid == task.pid && t.pid != task.pid) {
+        show_task(tree, comms, child, depth + 1, out);
+    }
+}
+
+/// `x fds`: open files, cwd and root of each process.
+pub fn fds(dir: &Path) -> anyhow::Result<()> {
+    let checkpoint = open(dir)?;
+    let names = FileNames::load(&checkpoint)?;
+    let mut out = String::new();
+    for task in checkpoint.pstree()? {
+        let ids = checkpoint.ids(task.pid)?;
+        let _ = writeln!(out, "{}", task.pid);
+        for fd in checkpoint.fdinfo(ids.files_id)? {
+            let _ = writeln!(out, "\t{:>7}: {}", fd.fd, names.describe(fd.r#type, fd.id));
+        }
+        let fs = checkpoint.fs(task.pid)?;
+        let _ = writeln!(out, "\t{:>7}: {}", "cwd", names.regular(fs.cwd_id));
+        let _ = writeln!(out, "\t{:>7}: {}", "root", names.regular(fs.root_id));
+    }
+    output::write_out(None, out.as_bytes())
+}
+
+/// `x mems`: the mappings of each process.
+pub fn mems(dir: &Path) -> anyhow::Result<()> {
+    let checkpoint = open(dir)?;
+    let names = FileNames::load(&checkpoint)?;
+    // crit numbers shared objects in order of first appearance across all processes.
+    let mut object_ids: HashMap<u64, usize> = HashMap::new();
+    let mut out = String::new();
+    for task in checkpoint.pstree()? {
+        let mm = checkpoint.mm(task.pid)?;
+        let _ = writeln!(out, "{}", task.pid);
+        let _ = writeln!(out, "\t{:<36}    {}", "exe", names.regular(mm.exe_file_id));
+        for vma in &mm.vmas {
+            let mut object = |shmid: u64| {
+                let next = object_ids.len() + 1;
+                *object_ids.entry(shmid).or_insert(next)
+            };
+            let status = vma.status;
+            let mut name = if status & VMA_AREA_SYSVIPC != 0 {
+                format!(" ips[{:x}]", object(vma.shmid))
+            } else if status & VMA_ANON_SHARED != 0 {
+                format!(" shmem[{:x}]", object(vma.shmid))
+            } else if status & VMA_AREA_SOCKET != 0 {
+                format!(" packet[{:x}]", object(vma.shmid))
+            } else if status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
+                let mut name = format!(" {}", names.regular(vma.shmid as u32));
+                if vma.pgoff != 0 {
+                    let _ = write!(name, " + {:#x}", vma.pgoff);
+                }
+                if status & VMA_FILE_SHARED != 0 {
+                    name.push_str(" (s)");
+                }
+                name
+            } else if status & VMA_AREA_STACK != 0 {
+                " [stack]".to_owned()
+            } else if status & VMA_AREA_VSYSCALL != 0 {
+                " [vsyscall]".to_owned()
+            } else if status & VMA_AREA_VDSO != 0 {
+                " [vdso]".to_owned()
+            } else if vma.flags & MAP_GROWSDOWN != 0 {
+                " [stack?]".to_owned()
+            } else {
+                String::new()
+            };
+            if status & VMA_AREA_REGULAR == 0 {
+                name.push_str(" *");
+            }
+            let range = format!("{:08x}-{:08x}", vma.start, vma.end);
+            let _ = writeln!(out, "\t{range:<36}{}{name}", prot_string(vma.prot));
+        }
+    }
+    output::write_out(None, out.as_bytes())
+}
+
+fn prot_string(prot: u32) -> String {
+    [(1, 'r'), (2, 'w'), (4, 'x')].iter().map(|&(bit, c)| if prot & bit != 0 { c } else { '-' }).collect()
+}
+
+/// `x rss`: each pagemap entry beside the mappings it covers.
+pub fn rss(dir: &Path) -> anyhow::Result<()> {
+    let checkpoint = open(dir)?;
+    let names = FileNames::load(&checkpoint)?;
+    let mut out = String::new();
+    for task in checkpoint.pstree()? {
+        let vmas = checkpoint.mm(task.pid)?.vmas;
+        let memory = checkpoint
+            .memory(task.pid)?
+            .with_context(|| format!("no pagemap-{}.img in {}", task.pid, dir.display()))?;
+        let _ = writeln!(out, "{}", task.pid);
+
+        let mut vmi = 0usize;
+        let mut previous: Option<usize> = None;
+        for entry in &memory.pagemap().entries {
+            let head = format!("\t{:x} / {:<8}", entry.vaddr, entry.nr_pages);
+            while vmi < vmas.len() && vmas[vmi].end <= entry.vaddr {
+                vmi += 1;
+            }
+            // crit assumes 4 KiB pages here whatever the architecture.
+            let end = entry.vaddr.saturating_add(entry.nr_pages << 12);
+            let mut covered = String::new();
+            while vmi < vmas.len() && vmas[vmi].start < end {
+                let vma = &vmas[vmi];
+                if previous == Some(vmi) {
+                    covered.push_str(" ~");
+                } else {
+                    let _ = write!(covered, " {:08x} / {:<8}", vma.start, (vma.end - vma.start) >> 12);
+                    if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
+                        let _ = write!(covered, " {}", names.regular(vma.shmid as u32));
+                    }
+                    previous = Some(vmi);
+                }
+                let _ = write!(covered, "\n\t{:23}", "");
+                vmi += 1;
+            }
+            vmi = vmi.saturating_sub(1);
+            let _ = writeln!(out, "{head:<24}{covered}");
+        }
+    }
+    output::write_out(None, out.as_bytes())
+}
