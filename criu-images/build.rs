@@ -24,11 +24,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.open_files(&files)?;
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out_dir.join("criu-schema.bin"), compiler.encode_file_descriptor_set())?;
+    fs::write(
+        out_dir.join("criu-schema.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
 
     // Only our own package becomes Rust; descriptor.proto is there for the `criu` option.
     let mut descriptors = compiler.file_descriptor_set();
     descriptors.file.retain(|file| file.package() == "criu");
-    prost_build::Config::new().out_dir(&out_dir).compile_fds(descriptors)?;
+    prost_build::Config::new()
+        .out_dir(&out_dir)
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -128,7 +128,10 @@ impl Checkpoint {
         if !dir.join("inventory.img").exists() {
             return Err(CheckpointError::NotImagesDir { dir });
         }
-        Ok(Checkpoint { dir, page_size: 4096 })
+        Ok(Checkpoint {
+            dir,
+            page_size: 4096,
+        })
     }
 
     /// Uses `page_size` for pagemaps instead of the default of 4096 bytes.
@@ -177,7 +180,10 @@ impl Checkpoint {
         let Some(map) = self.map(name)? else {
             return Ok(Vec::new());
         };
-        let image_error = |source| CheckpointError::Image { path: path.clone(), source };
+        let image_error = |source| CheckpointError::Image {
+            path: path.clone(),
+            source,
+        };
         let image = Image::parse(map.bytes()).map_err(image_error)?;
         if !crate::magic::names(image.magic()).any(|n| n == magic) {
             return Err(CheckpointError::WrongKind {
@@ -217,7 +223,10 @@ impl Checkpoint {
         }
         let mut entries = self.entries::<M>(name, magic)?;
         if entries.len() != 1 {
-            return Err(CheckpointError::EntryCount { path, count: entries.len() });
+            return Err(CheckpointError::EntryCount {
+                path,
+                count: entries.len(),
+            });
         }
         Ok(entries.remove(0))
     }
@@ -327,7 +336,10 @@ impl Checkpoint {
     ///
     /// As [`Checkpoint::entries`].
     pub fn utsns(&self, id: u32) -> Result<Option<pb::UtsnsEntry>, CheckpointError> {
-        Ok(self.entries(&format!("utsns-{id}.img"), "UTSNS")?.into_iter().next())
+        Ok(self
+            .entries(&format!("utsns-{id}.img"), "UTSNS")?
+            .into_iter()
+            .next())
     }
 
     /// `stats-dump`, which CRIU writes into its work directory (the images directory unless
@@ -347,7 +359,11 @@ impl Checkpoint {
     ///
     /// See [`MemoryImage::open`].
     pub fn memory(&self, pid: u32) -> Result<Option<MemoryImage>, CheckpointError> {
-        Ok(MemoryImage::open(&self.dir, &format!("pagemap-{pid}.img"), self.page_size)?)
+        Ok(MemoryImage::open(
+            &self.dir,
+            &format!("pagemap-{pid}.img"),
+            self.page_size,
+        )?)
     }
 
     /// The contents of a shared memory object (shared anonymous memory, memfd or System V
@@ -357,6 +373,10 @@ impl Checkpoint {
     ///
     /// See [`MemoryImage::open`].
     pub fn shmem(&self, shmid: u64) -> Result<Option<MemoryImage>, CheckpointError> {
-        Ok(MemoryImage::open(&self.dir, &format!("pagemap-shmem-{shmid}.img"), self.page_size)?)
+        Ok(MemoryImage::open(
+            &self.dir,
+            &format!("pagemap-shmem-{shmid}.img"),
+            self.page_size,
+        )?)
     }
 }

@@ -32,8 +32,10 @@ pub enum ImageError {
     },
     /// The magic is none CRIU defines; raw images (pages, tmpfs archives) have no magic at
     /// all and are known by their file name instead.
-    #[error("unknown magic {magic:#x}: not a CRIU protobuf image (raw images such as pages-*.img \
-             have no magic)")]
+    #[error(
+        "unknown magic {magic:#x}: not a CRIU protobuf image (raw images such as pages-*.img \
+             have no magic)"
+    )]
     UnknownMagic {
         /// The first magic word that is not a head magic.
         magic: u32,
@@ -57,8 +59,10 @@ pub enum ImageError {
         available: usize,
     },
     /// An entry's size runs past the end of the file.
-    #[error("entry {index} at offset {offset}: size {size} runs past the end of the image \
-             ({available} bytes left)")]
+    #[error(
+        "entry {index} at offset {offset}: size {size} runs past the end of the image \
+             ({available} bytes left)"
+    )]
     TruncatedEntry {
         /// Index of the entry.
         index: usize,
@@ -83,8 +87,10 @@ pub enum ImageError {
         source: WireError,
     },
     /// An entry's extra payload runs past the end of the file.
-    #[error("entry {index} at offset {offset}: {what} of {needed} bytes runs past the end of \
-             the image ({available} bytes left)")]
+    #[error(
+        "entry {index} at offset {offset}: {what} of {needed} bytes runs past the end of \
+             the image ({available} bytes left)"
+    )]
     TruncatedPayload {
         /// Index of the entry.
         index: usize,
@@ -138,7 +144,12 @@ impl<'a> Image<'a> {
         if magic::name(magic).is_none() {
             return Err(ImageError::UnknownMagic { magic });
         }
-        Ok(Image { data, head, magic, body })
+        Ok(Image {
+            data,
+            head,
+            magic,
+            body,
+        })
     }
 
     /// The kind magic.
@@ -173,7 +184,10 @@ impl<'a> Image<'a> {
     /// [`ImageError::NoMessage`] for a magic without a protobuf message.
     pub fn layout(&self) -> Result<Layout, ImageError> {
         let name = self.magic_name();
-        kind::layout(name).ok_or(ImageError::NoMessage { name, magic: self.magic })
+        kind::layout(name).ok_or(ImageError::NoMessage {
+            name,
+            magic: self.magic,
+        })
     }
 
     /// The entries in file order, each with its extra payload.
@@ -299,12 +313,21 @@ pub struct Entries<'a> {
 /// Reads one size-framed protobuf message at `pos`.
 fn framed_at(data: &[u8], pos: usize, index: usize) -> Result<&[u8], ImageError> {
     let available = data.len() - pos;
-    let size = word_at(data, pos).ok_or(ImageError::TruncatedSize { index, offset: pos, available })?;
+    let size = word_at(data, pos).ok_or(ImageError::TruncatedSize {
+        index,
+        offset: pos,
+        available,
+    })?;
     let start = pos + 4;
     usize::try_from(size)
         .ok()
         .and_then(|len| data.get(start..start.checked_add(len)?))
-        .ok_or(ImageError::TruncatedEntry { index, offset: pos, size, available: available - 4 })
+        .ok_or(ImageError::TruncatedEntry {
+            index,
+            offset: pos,
+            size,
+            available: available - 4,
+        })
 }
 
 /// Rounds `n` up to a multiple of `to`, a power of two.
@@ -412,19 +435,31 @@ impl<'a> Entries<'a> {
         let text = cursor.take("message text", msize)?;
         let padded = round_up(msize, 8).unwrap_or(u64::MAX);
         let padding = cursor.take("message padding", padded - msize)?;
-        Ok(IpcMessage { header, text, padding })
+        Ok(IpcMessage {
+            header,
+            text,
+            padding,
+        })
     }
 
     fn next_entry(&mut self) -> Result<Entry<'a>, ImageError> {
         let offset = self.pos;
         let message = framed_at(self.data, offset, self.index)?;
-        let mut cursor =
-            Cursor { data: self.data, pos: offset + 4 + message.len(), index: self.index, offset };
+        let mut cursor = Cursor {
+            data: self.data,
+            pos: offset + 4 + message.len(),
+            index: self.index,
+            offset,
+        };
 
         let (message_type, payload) = match self.layout {
-            Layout::Uniform { message: message_type, payload } => {
-                (message_type, self.payload(payload, message, message_type, &mut cursor)?)
-            }
+            Layout::Uniform {
+                message: message_type,
+                payload,
+            } => (
+                message_type,
+                self.payload(payload, message, message_type, &mut cursor)?,
+            ),
             Layout::Pagemap if self.index == 0 => ("pagemap_head", Payload::None),
             Layout::Pagemap => ("pagemap_entry", Payload::None),
             Layout::GhostFile if self.index == 0 => {
@@ -434,18 +469,30 @@ impl<'a> Entries<'a> {
                     (message_type, Payload::None)
                 } else {
                     let rest = (self.data.len() - cursor.pos) as u64;
-                    (message_type, Payload::Bytes(cursor.take("ghost file contents", rest)?))
+                    (
+                        message_type,
+                        Payload::Bytes(cursor.take("ghost file contents", rest)?),
+                    )
                 }
             }
             Layout::GhostFile => {
                 let message_type = "ghost_chunk_entry";
                 let len = self.field(message, message_type, offset, 1)?;
-                (message_type, Payload::Bytes(cursor.take("ghost file chunk", len)?))
+                (
+                    message_type,
+                    Payload::Bytes(cursor.take("ghost file chunk", len)?),
+                )
             }
         };
 
         self.pos = cursor.pos;
-        let entry = Entry { index: self.index, offset, message_type, message, payload };
+        let entry = Entry {
+            index: self.index,
+            offset,
+            message_type,
+            message,
+            payload,
+        };
         self.index += 1;
         Ok(entry)
     }

@@ -177,7 +177,10 @@ pub fn info(image: &Image<'_>) -> Result<String, DecodeError> {
 }
 
 fn message_schema(name: &'static str) -> Result<&'static MessageSchema, DecodeError> {
-    schema().message(name).map(|(_, m)| m).ok_or(DecodeError::UnknownMessage(name))
+    schema()
+        .message(name)
+        .map(|(_, m)| m)
+        .ok_or(DecodeError::UnknownMessage(name))
 }
 
 fn decode_entry(
@@ -211,7 +214,10 @@ fn decode_entry(
     };
     if rule != PayloadRule::None && options.no_payload {
         w.key("extra");
-        w.string(&format!("... <{}>", human_size(payload_size(&entry.payload))));
+        w.string(&format!(
+            "... <{}>",
+            human_size(payload_size(&entry.payload))
+        ));
     } else if rule != PayloadRule::None {
         write_payload(w, &entry.payload).map_err(malformed)?;
     }
@@ -314,7 +320,10 @@ fn write_fields(
 
     for field in wire::fields(bytes) {
         let field = field?;
-        let Ok(position) = message.fields.binary_search_by_key(&field.number, |f| f.number) else {
+        let Ok(position) = message
+            .fields
+            .binary_search_by_key(&field.number, |f| f.number)
+        else {
             continue;
         };
         let schema = &message.fields[position];
@@ -476,7 +485,11 @@ fn render_integer(schema: &FieldSchema, n: i128, hex: bool) -> Option<String> {
         return Some(hex_string(n));
     }
     if schema.criu.dev {
-        let (major, minor) = if schema.criu.odev { old_dev(n as u64) } else { kernel_dev(n as u64) };
+        let (major, minor) = if schema.criu.odev {
+            old_dev(n as u64)
+        } else {
+            kernel_dev(n as u64)
+        };
         return Some(format!("{major}:{minor}"));
     }
     if let Some(table) = &schema.criu.flags {
@@ -490,7 +503,11 @@ fn render_integer(schema: &FieldSchema, n: i128, hex: bool) -> Option<String> {
 }
 
 fn hex_string(n: i128) -> String {
-    if n < 0 { format!("-0x{:x}", -n) } else { format!("0x{n:x}") }
+    if n < 0 {
+        format!("-0x{:x}", -n)
+    } else {
+        format!("0x{n:x}")
+    }
 }
 
 /// The kernel's `dev_t` split: 12 bits of major above 20 bits of minor.
@@ -580,8 +597,11 @@ fn flag_table(name: &str) -> Option<&'static [(&'static str, u64)]> {
 
 fn flag_names(n: i128, table: &[(&str, u64)]) -> String {
     let value = n as u64;
-    let mut parts: Vec<String> =
-        table.iter().filter(|(_, bit)| value & bit != 0).map(|(name, _)| (*name).to_owned()).collect();
+    let mut parts: Vec<String> = table
+        .iter()
+        .filter(|(_, bit)| value & bit != 0)
+        .map(|(name, _)| (*name).to_owned())
+        .collect();
     let known = table.iter().fold(0u64, |acc, (_, bit)| acc | bit);
     let rest = value & !known;
     if rest != 0 {
@@ -597,7 +617,10 @@ fn flags_value(text: &str, table: &[(&str, u64)]) -> Option<i128> {
     text.split('|')
         .map(str::trim)
         .map(|token| {
-            table.iter().find(|(name, _)| *name == token).map(|(_, bit)| i128::from(*bit))
+            table
+                .iter()
+                .find(|(name, _)| *name == token)
+                .map(|(_, bit)| i128::from(*bit))
                 .or_else(|| pyfmt::parse_int(token))
         })
         .sum()
@@ -607,10 +630,20 @@ fn flags_value(text: &str, table: &[(&str, u64)]) -> Option<i128> {
 /// kernel's numbering (3 stopped, 6 zombie), not crit 4.1.1's swapped one.
 fn dict_table(dict: &str, field: &str) -> Option<&'static [(i128, &'static str)]> {
     const TASK_STATE: &[(i128, &str)] = &[(1, "Alive"), (3, "Stopped"), (6, "Zombie")];
-    const FAMILY: &[(i128, &str)] =
-        &[(1, "UNIX"), (2, "INET"), (10, "INET6"), (16, "NETLINK"), (17, "PACKET")];
-    const TYPE: &[(i128, &str)] =
-        &[(1, "STREAM"), (2, "DGRAM"), (3, "RAW"), (5, "SEQPACKET"), (10, "PACKET")];
+    const FAMILY: &[(i128, &str)] = &[
+        (1, "UNIX"),
+        (2, "INET"),
+        (10, "INET6"),
+        (16, "NETLINK"),
+        (17, "PACKET"),
+    ];
+    const TYPE: &[(i128, &str)] = &[
+        (1, "STREAM"),
+        (2, "DGRAM"),
+        (3, "RAW"),
+        (5, "SEQPACKET"),
+        (10, "PACKET"),
+    ];
     const STATE: &[(i128, &str)] = &[
         (1, "ESTABLISHED"),
         (2, "SYN_SENT"),
@@ -635,7 +668,10 @@ fn dict_table(dict: &str, field: &str) -> Option<&'static [(i128, &'static str)]
 }
 
 fn dict_name(dict: &str, field: &str, n: i128) -> Option<&'static str> {
-    dict_table(dict, field)?.iter().find(|(v, _)| *v == n).map(|(_, name)| *name)
+    dict_table(dict, field)?
+        .iter()
+        .find(|(v, _)| *v == n)
+        .map(|(_, name)| *name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,9 +686,16 @@ fn dict_name(dict: &str, field: &str, n: i128) -> Option<&'static str> {
 /// fit their fields, each with the path of the value.
 pub fn encode(json: &Json) -> Result<Vec<u8>, EncodeError> {
     let object = json.as_object().ok_or(EncodeError::NotAnImage)?;
-    let magic_name = object.get("magic").and_then(Json::as_str).ok_or(EncodeError::NotAnImage)?;
-    let entries = object.get("entries").and_then(Json::as_array).ok_or(EncodeError::NotAnImage)?;
-    let magic = magic::value(magic_name).ok_or_else(|| EncodeError::UnknownMagic(magic_name.into()))?;
+    let magic_name = object
+        .get("magic")
+        .and_then(Json::as_str)
+        .ok_or(EncodeError::NotAnImage)?;
+    let entries = object
+        .get("entries")
+        .and_then(Json::as_array)
+        .ok_or(EncodeError::NotAnImage)?;
+    let magic =
+        magic::value(magic_name).ok_or_else(|| EncodeError::UnknownMagic(magic_name.into()))?;
     let crit_name = magic::name(magic).unwrap_or(magic_name);
     let layout = kind::layout(crit_name).ok_or_else(|| EncodeError::NoMessage(crit_name.into()))?;
 
@@ -660,9 +703,10 @@ pub fn encode(json: &Json) -> Result<Vec<u8>, EncodeError> {
     let mut ghost_chunks = false;
     for (index, entry) in entries.iter().enumerate() {
         let path = format!("entries[{index}]");
-        let fields = entry
-            .as_object()
-            .ok_or_else(|| EncodeError::WrongType { path: path.clone(), expected: "an object" })?;
+        let fields = entry.as_object().ok_or_else(|| EncodeError::WrongType {
+            path: path.clone(),
+            expected: "an object",
+        })?;
         let message_type = match layout {
             Layout::Uniform { message, .. } => message,
             Layout::Pagemap if index == 0 => "pagemap_head",
@@ -696,14 +740,20 @@ pub fn encode(json: &Json) -> Result<Vec<u8>, EncodeError> {
 }
 
 fn base64_of(value: &Json, path: &str) -> Result<Vec<u8>, EncodeError> {
-    let text = value
-        .as_str()
-        .ok_or_else(|| EncodeError::WrongType { path: path.to_owned(), expected: "a base64 string" })?;
-    pyfmt::base64_decode(text).ok_or_else(|| EncodeError::BadBase64 { path: path.to_owned() })
+    let text = value.as_str().ok_or_else(|| EncodeError::WrongType {
+        path: path.to_owned(),
+        expected: "a base64 string",
+    })?;
+    pyfmt::base64_decode(text).ok_or_else(|| EncodeError::BadBase64 {
+        path: path.to_owned(),
+    })
 }
 
 fn varint_field(message: &[u8], number: u32) -> u64 {
-    wire::last_varint(message, number).ok().flatten().unwrap_or(0)
+    wire::last_varint(message, number)
+        .ok()
+        .flatten()
+        .unwrap_or(0)
 }
 
 fn padding(len: usize, to: usize) -> Vec<u8> {
@@ -720,21 +770,30 @@ fn encode_payload(
     let Some(extra) = extra else {
         return Ok(());
     };
-    let wrong = |expected| EncodeError::WrongType { path: path.to_owned(), expected };
+    let wrong = |expected| EncodeError::WrongType {
+        path: path.to_owned(),
+        expected,
+    };
     match rule {
         PayloadRule::None => {}
         PayloadRule::PipeData | PayloadRule::SocketQueue | PayloadRule::BpfMapData => {
             writer.payload(&base64_of(extra, path)?);
         }
         PayloadRule::TcpStream => {
-            let queues = extra.as_object().ok_or_else(|| wrong("an object with inq and outq"))?;
+            let queues = extra
+                .as_object()
+                .ok_or_else(|| wrong("an object with inq and outq"))?;
             for key in ["inq", "outq"] {
-                let queue = queues.get(key).ok_or_else(|| wrong("an object with inq and outq"))?;
+                let queue = queues
+                    .get(key)
+                    .ok_or_else(|| wrong("an object with inq and outq"))?;
                 writer.payload(&base64_of(queue, &format!("{path}.{key}"))?);
             }
         }
         PayloadRule::IpcSemaphores => {
-            let values = extra.as_array().ok_or_else(|| wrong("a list of semaphore values"))?;
+            let values = extra
+                .as_array()
+                .ok_or_else(|| wrong("a list of semaphore values"))?;
             if values.len() as u64 != varint_field(message, 2) {
                 return Err(EncodeError::BadPayload {
                     path: path.to_owned(),
@@ -757,7 +816,9 @@ fn encode_payload(
             writer.payload(&bytes).payload(&pad);
         }
         PayloadRule::IpcMessages => {
-            let items = extra.as_array().ok_or_else(|| wrong("a list of message/text pairs"))?;
+            let items = extra
+                .as_array()
+                .ok_or_else(|| wrong("a list of message/text pairs"))?;
             for (i, pair) in items.chunks(2).enumerate() {
                 let [header, text] = pair else {
                     return Err(EncodeError::BadPayload {
@@ -766,9 +827,10 @@ fn encode_payload(
                     });
                 };
                 let item_path = format!("{path}[{}]", 2 * i);
-                let header = header
-                    .as_object()
-                    .ok_or_else(|| EncodeError::WrongType { path: item_path.clone(), expected: "an object" })?;
+                let header = header.as_object().ok_or_else(|| EncodeError::WrongType {
+                    path: item_path.clone(),
+                    expected: "an object",
+                })?;
                 let encoded = encode_message("ipc_msg", header, &item_path)?;
                 let msize = varint_field(&encoded, 2) as usize;
                 let text = base64_of(text, &format!("{path}[{}]", 2 * i + 1))?;
@@ -776,7 +838,10 @@ fn encode_payload(
                 body.resize(msize, 0);
                 let size = u32::try_from(encoded.len())
                     .map_err(|_| ImageError::MessageTooLarge { len: encoded.len() })?;
-                writer.payload(&size.to_ne_bytes()).payload(&encoded).payload(&body);
+                writer
+                    .payload(&size.to_ne_bytes())
+                    .payload(&encoded)
+                    .payload(&body);
                 writer.payload(&padding(msize, 8));
             }
         }
@@ -794,7 +859,11 @@ fn encode_payload(
 }
 
 /// Encodes one message from its JSON object, fields in number order.
-fn encode_message(name: &str, fields: &Map<String, Json>, path: &str) -> Result<Vec<u8>, EncodeError> {
+fn encode_message(
+    name: &str,
+    fields: &Map<String, Json>,
+    path: &str,
+) -> Result<Vec<u8>, EncodeError> {
     let message = schema()
         .message(name)
         .map(|(_, m)| m)
@@ -819,9 +888,10 @@ fn encode_fields(
             encode_value(out, field, value, &field_path)?;
             continue;
         }
-        let items = value
-            .as_array()
-            .ok_or_else(|| EncodeError::WrongType { path: field_path.clone(), expected: "a list" })?;
+        let items = value.as_array().ok_or_else(|| EncodeError::WrongType {
+            path: field_path.clone(),
+            expected: "a list",
+        })?;
         if field.criu.ipadd && items.first().is_some_and(Json::is_string) {
             let text = items[0].as_str().unwrap_or_default();
             let words = pyfmt::ip_words(text).ok_or_else(|| EncodeError::BadAddress {
@@ -837,7 +907,12 @@ fn encode_fields(
     Ok(())
 }
 
-fn encode_list(out: &mut Vec<u8>, field: &FieldSchema, items: &[Json], path: &str) -> Result<(), EncodeError> {
+fn encode_list(
+    out: &mut Vec<u8>,
+    field: &FieldSchema,
+    items: &[Json],
+    path: &str,
+) -> Result<(), EncodeError> {
     if !field.packed {
         for (i, item) in items.iter().enumerate() {
             encode_value(out, field, item, &format!("{path}[{i}]"))?;
@@ -862,8 +937,16 @@ fn encode_list(out: &mut Vec<u8>, field: &FieldSchema, items: &[Json], path: &st
     Ok(())
 }
 
-fn encode_value(out: &mut Vec<u8>, field: &FieldSchema, value: &Json, path: &str) -> Result<(), EncodeError> {
-    let wrong = |expected| EncodeError::WrongType { path: path.to_owned(), expected };
+fn encode_value(
+    out: &mut Vec<u8>,
+    field: &FieldSchema,
+    value: &Json,
+    path: &str,
+) -> Result<(), EncodeError> {
+    let wrong = |expected| EncodeError::WrongType {
+        path: path.to_owned(),
+        expected,
+    };
     match field.ty {
         FieldType::Message(index) => {
             let object = value.as_object().ok_or_else(|| wrong("an object"))?;
@@ -932,12 +1015,19 @@ fn integer_bits(field: &FieldSchema, value: &Json, path: &str) -> Result<u64, En
     if let FieldType::Enum(index) = field.ty {
         let enum_schema = &schema().enums[index];
         let number = match value {
-            Json::String(name) => enum_schema.number_of(name).ok_or_else(|| EncodeError::UnknownEnum {
-                path: path.to_owned(),
-                name: name.clone(),
-                enum_name: enum_schema.name.clone(),
-            })?,
-            Json::Number(n) => n.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or_else(|| bad("enum"))?,
+            Json::String(name) => {
+                enum_schema
+                    .number_of(name)
+                    .ok_or_else(|| EncodeError::UnknownEnum {
+                        path: path.to_owned(),
+                        name: name.clone(),
+                        enum_name: enum_schema.name.clone(),
+                    })?
+            }
+            Json::Number(n) => n
+                .as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .ok_or_else(|| bad("enum"))?,
             _ => return Err(bad("enum")),
         };
         return Ok(number as i64 as u64);
@@ -985,14 +1075,21 @@ fn string_integer(field: &FieldSchema, text: &str) -> Option<i128> {
     if field.criu.dev {
         let (major, minor) = text.split_once(':')?;
         let (major, minor) = (major.trim().parse().ok()?, minor.trim().parse().ok()?);
-        let dev = if field.criu.odev { old_makedev(major, minor) } else { kernel_makedev(major, minor) };
+        let dev = if field.criu.odev {
+            old_makedev(major, minor)
+        } else {
+            kernel_makedev(major, minor)
+        };
         return Some(i128::from(dev));
     }
     if let Some(table) = field.criu.flags.as_deref().and_then(flag_table) {
         return flags_value(text, table);
     }
     if let Some(dict) = &field.criu.dict {
-        if let Some((n, _)) = dict_table(dict, &field.name)?.iter().find(|(_, name)| *name == text) {
+        if let Some((n, _)) = dict_table(dict, &field.name)?
+            .iter()
+            .find(|(_, name)| *name == text)
+        {
             return Some(*n);
         }
     }
@@ -1008,7 +1105,10 @@ mod tests {
         let table = flag_table("mmap.flags").expect("known table");
         assert_eq!(flag_names(0x8022, table), "MAP_PRIVATE | MAP_ANON | 0x8000");
         assert_eq!(flag_names(0, table), "");
-        assert_eq!(flags_value("MAP_PRIVATE | MAP_ANON | 0x8000", table), Some(0x8022));
+        assert_eq!(
+            flags_value("MAP_PRIVATE | MAP_ANON | 0x8000", table),
+            Some(0x8022)
+        );
         assert_eq!(flags_value("", table), Some(0));
         assert_eq!(flags_value("MAP_NOPE", table), None);
     }

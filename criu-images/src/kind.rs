@@ -55,7 +55,10 @@ const KINDS: &[(&str, Layout)] = &[
     ("GHOST_FILE", Layout::GhostFile),
     ("MM", uniform("mm_entry")),
     ("CGROUP", uniform("cgroup_entry")),
-    ("TCP_STREAM", with_payload("tcp_stream_entry", PayloadRule::TcpStream)),
+    (
+        "TCP_STREAM",
+        with_payload("tcp_stream_entry", PayloadRule::TcpStream),
+    ),
     ("STATS", uniform("stats_entry")),
     ("PAGEMAP", Layout::Pagemap),
     ("PSTREE", uniform("pstree_entry")),
@@ -92,12 +95,30 @@ const KINDS: &[(&str, Layout)] = &[
     ("ITIMERS", uniform("itimer_entry")),
     ("POSIX_TIMERS", uniform("posix_timer_entry")),
     ("NETDEV", uniform("net_device_entry")),
-    ("PIPES_DATA", with_payload("pipe_data_entry", PayloadRule::PipeData)),
-    ("FIFO_DATA", with_payload("pipe_data_entry", PayloadRule::PipeData)),
-    ("SK_QUEUES", with_payload("sk_packet_entry", PayloadRule::SocketQueue)),
-    ("IPCNS_SHM", with_payload("ipc_shm_entry", PayloadRule::IpcSharedMemory)),
-    ("IPCNS_SEM", with_payload("ipc_sem_entry", PayloadRule::IpcSemaphores)),
-    ("IPCNS_MSG", with_payload("ipc_msg_entry", PayloadRule::IpcMessages)),
+    (
+        "PIPES_DATA",
+        with_payload("pipe_data_entry", PayloadRule::PipeData),
+    ),
+    (
+        "FIFO_DATA",
+        with_payload("pipe_data_entry", PayloadRule::PipeData),
+    ),
+    (
+        "SK_QUEUES",
+        with_payload("sk_packet_entry", PayloadRule::SocketQueue),
+    ),
+    (
+        "IPCNS_SHM",
+        with_payload("ipc_shm_entry", PayloadRule::IpcSharedMemory),
+    ),
+    (
+        "IPCNS_SEM",
+        with_payload("ipc_sem_entry", PayloadRule::IpcSemaphores),
+    ),
+    (
+        "IPCNS_MSG",
+        with_payload("ipc_msg_entry", PayloadRule::IpcMessages),
+    ),
     ("NETNS", uniform("netns_entry")),
     ("USERNS", uniform("userns_entry")),
     ("SECCOMP", uniform("seccomp_entry")),
@@ -106,7 +127,10 @@ const KINDS: &[(&str, Layout)] = &[
     ("CPUINFO", uniform("cpuinfo_entry")),
     ("MEMFD_INODE", uniform("memfd_inode_entry")),
     ("BPFMAP_FILE", uniform("bpfmap_file_entry")),
-    ("BPFMAP_DATA", with_payload("bpfmap_data_entry", PayloadRule::BpfMapData)),
+    (
+        "BPFMAP_DATA",
+        with_payload("bpfmap_data_entry", PayloadRule::BpfMapData),
+    ),
     ("APPARMOR", uniform("apparmor_entry")),
     // crit 4.1.1 has no handler for these two; they are decoded all the same.
     ("BINFMT_MISC", uniform("binfmt_misc_entry")),
@@ -114,7 +138,10 @@ const KINDS: &[(&str, Layout)] = &[
 ];
 
 const fn uniform(message: &'static str) -> Layout {
-    Layout::Uniform { message, payload: PayloadRule::None }
+    Layout::Uniform {
+        message,
+        payload: PayloadRule::None,
+    }
 }
 
 const fn with_payload(message: &'static str, payload: PayloadRule) -> Layout {
@@ -124,7 +151,10 @@ const fn with_payload(message: &'static str, payload: PayloadRule) -> Layout {
 /// The layout of the image kind crit names `magic_name`, or `None` for a magic with no
 /// protobuf message (`KDAT`, and the `SIGNAL` images no CRIU since 1.x writes).
 pub fn layout(magic_name: &str) -> Option<Layout> {
-    KINDS.iter().find(|(name, _)| *name == magic_name).map(|(_, layout)| *layout)
+    KINDS
+        .iter()
+        .find(|(name, _)| *name == magic_name)
+        .map(|(_, layout)| *layout)
 }
 
 /// Images that carry no magic at all. CRIU knows them by file name only.
@@ -177,7 +207,10 @@ impl RawKind {
         if !name.ends_with(".img") {
             return None;
         }
-        prefixes.iter().find(|(prefix, _)| name.starts_with(prefix)).map(|(_, kind)| *kind)
+        prefixes
+            .iter()
+            .find(|(prefix, _)| name.starts_with(prefix))
+            .map(|(_, kind)| *kind)
     }
 
     /// A short description for listings.
@@ -206,8 +239,14 @@ mod tests {
     #[test]
     fn raw_images_are_known_by_name() {
         assert_eq!(RawKind::from_file_name("pages-1.img"), Some(RawKind::Pages));
-        assert_eq!(RawKind::from_file_name("tmpfs-dev-42.tar.gz.img"), Some(RawKind::TmpfsArchive));
-        assert_eq!(RawKind::from_file_name("route6-9.img"), Some(RawKind::Routes6));
+        assert_eq!(
+            RawKind::from_file_name("tmpfs-dev-42.tar.gz.img"),
+            Some(RawKind::TmpfsArchive)
+        );
+        assert_eq!(
+            RawKind::from_file_name("route6-9.img"),
+            Some(RawKind::Routes6)
+        );
         assert_eq!(RawKind::from_file_name("pagemap-1.img"), None);
         assert_eq!(RawKind::from_file_name("pages-1"), None);
     }
@@ -217,7 +256,10 @@ mod tests {
         assert_eq!(layout("PAGEMAP"), Some(Layout::Pagemap));
         assert!(matches!(
             layout("SK_QUEUES"),
-            Some(Layout::Uniform { payload: PayloadRule::SocketQueue, .. })
+            Some(Layout::Uniform {
+                payload: PayloadRule::SocketQueue,
+                ..
+            })
         ));
         assert_eq!(layout("KDAT"), None);
     }

@@ -102,7 +102,10 @@ pub fn name(value: u32) -> Option<&'static str> {
 
 /// Every name CRIU has given a kind magic value, the crit name first.
 pub fn names(value: u32) -> impl Iterator<Item = &'static str> {
-    TABLE.iter().filter(move |(_, v)| *v == value).map(|(n, _)| *n)
+    TABLE
+        .iter()
+        .filter(move |(_, v)| *v == value)
+        .map(|(n, _)| *n)
 }
 
 /// The value of a kind magic by any of its names (`"PAGEMAP"`, `"SHMEM_PAGEMAP"`, ...).

@@ -64,8 +64,10 @@ pub enum MemoryError {
         dir: PathBuf,
     },
     /// A range is marked as kept in the parent dump, but there is no parent pagemap.
-    #[error("{len} bytes at {addr:#x} are in the parent dump, but {dir} has no parent pagemap \
-             {pagemap}")]
+    #[error(
+        "{len} bytes at {addr:#x} are in the parent dump, but {dir} has no parent pagemap \
+             {pagemap}"
+    )]
     NoParent {
         /// Directory of the level that refers to its parent.
         dir: PathBuf,
@@ -167,17 +169,29 @@ fn parent_of(dir: &Path) -> Result<Option<PathBuf>, MemoryError> {
     }
 }
 
-fn open_level(dir: &Path, pagemap_name: &str, page_size: u64) -> Result<Option<Level>, MemoryError> {
+fn open_level(
+    dir: &Path,
+    pagemap_name: &str,
+    page_size: u64,
+) -> Result<Option<Level>, MemoryError> {
     let pagemap_path = dir.join(pagemap_name);
     // SAFETY: images are immutable while read; see `MappedFile::open`'s contract, which the
     // crate documents as its one assumption about the files it reads.
     let pagemap_file = match unsafe { MappedFile::open(&pagemap_path) } {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(MemoryError::Io { path: pagemap_path, source }),
+        Err(source) => {
+            return Err(MemoryError::Io {
+                path: pagemap_path,
+                source,
+            });
+        }
     };
-    let pagemap = Pagemap::parse(pagemap_file.bytes(), page_size)
-        .map_err(|source| MemoryError::Pagemap { path: pagemap_path, source })?;
+    let pagemap =
+        Pagemap::parse(pagemap_file.bytes(), page_size).map_err(|source| MemoryError::Pagemap {
+            path: pagemap_path,
+            source,
+        })?;
 
     let pages_path = dir.join(format!("pages-{}.img", pagemap.pages_id));
     let needed = pagemap.pages_len();
@@ -185,13 +199,26 @@ fn open_level(dir: &Path, pagemap_name: &str, page_size: u64) -> Result<Option<L
     let pages = match unsafe { MappedFile::open(&pages_path) } {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound && needed == 0 => MappedFile::empty(),
-        Err(source) => return Err(MemoryError::Io { path: pages_path, source }),
+        Err(source) => {
+            return Err(MemoryError::Io {
+                path: pages_path,
+                source,
+            });
+        }
     };
     let len = pages.bytes().len() as u64;
     if len < needed {
-        return Err(MemoryError::PagesTooShort { path: pages_path, len, needed });
+        return Err(MemoryError::PagesTooShort {
+            path: pages_path,
+            len,
+            needed,
+        });
     }
-    Ok(Some(Level { dir: dir.to_path_buf(), pagemap, pages }))
+    Ok(Some(Level {
+        dir: dir.to_path_buf(),
+        pagemap,
+        pages,
+    }))
 }
 
 impl MemoryImage {
@@ -204,7 +231,11 @@ impl MemoryImage {
     ///
     /// Unreadable files, broken pagemaps, pages files shorter than their pagemaps, dangling
     /// `parent` links and loops in the chain.
-    pub fn open(dir: &Path, pagemap_name: &str, page_size: u64) -> Result<Option<Self>, MemoryError> {
+    pub fn open(
+        dir: &Path,
+        pagemap_name: &str,
+        page_size: u64,
+    ) -> Result<Option<Self>, MemoryError> {
         let Some(first) = open_level(dir, pagemap_name, page_size)? else {
             return Ok(None);
         };
@@ -215,7 +246,10 @@ impl MemoryImage {
         let mut current = dir.to_path_buf();
         while let Some(parent) = parent_of(&current)? {
             if !seen.insert(parent.clone()) {
-                return Err(MemoryError::ParentLoop { link: current.join("parent"), dir: parent });
+                return Err(MemoryError::ParentLoop {
+                    link: current.join("parent"),
+                    dir: parent,
+                });
             }
             // CRIU stops the chain at the first parent without this pagemap.
             let Some(level) = open_level(&parent, pagemap_name, page_size)? else {
@@ -224,7 +258,10 @@ impl MemoryImage {
             levels.push(level);
             current = parent;
         }
-        Ok(Some(MemoryImage { pagemap_name: pagemap_name.to_owned(), levels }))
+        Ok(Some(MemoryImage {
+            pagemap_name: pagemap_name.to_owned(),
+            levels,
+        }))
     }
 
     /// The pagemap of the newest dump.
@@ -239,7 +276,9 @@ impl MemoryImage {
 
     /// The pagemap and pages file of each level, newest first.
     pub fn levels(&self) -> impl Iterator<Item = (&Path, &Pagemap, &[u8])> {
-        self.levels.iter().map(|l| (l.dir.as_path(), &l.pagemap, l.pages.bytes()))
+        self.levels
+            .iter()
+            .map(|l| (l.dir.as_path(), &l.pagemap, l.pages.bytes()))
     }
 
     /// The memory in `[addr, addr + len)`, in address order, with parent ranges resolved.
@@ -248,15 +287,22 @@ impl MemoryImage {
     ///
     /// A range kept in a parent that the chain does not have.
     pub fn read(&self, addr: u64, len: u64) -> Result<Vec<Chunk<'_>>, MemoryError> {
-        addr.checked_add(len).ok_or(MemoryError::BadRange { addr, len })?;
+        addr.checked_add(len)
+            .ok_or(MemoryError::BadRange { addr, len })?;
         let mut pieces = Vec::new();
         self.read_level(0, addr, len, &mut pieces)?;
         Ok(pieces
             .into_iter()
             .map(|piece| match piece {
-                Piece::Data { addr, level, start, len } => {
-                    Chunk::Data { addr, bytes: &self.levels[level].pages.bytes()[start..start + len] }
-                }
+                Piece::Data {
+                    addr,
+                    level,
+                    start,
+                    len,
+                } => Chunk::Data {
+                    addr,
+                    bytes: &self.levels[level].pages.bytes()[start..start + len],
+                },
                 Piece::Absent { addr, len } => Chunk::Absent { addr, len },
                 Piece::Lazy { addr, len } => Chunk::Lazy { addr, len },
             })
@@ -302,7 +348,10 @@ impl MemoryImage {
                 }
                 self.read_level(level + 1, cursor, take, out)?;
             } else if entry.is_lazy_only() {
-                out.push(Piece::Lazy { addr: cursor, len: take });
+                out.push(Piece::Lazy {
+                    addr: cursor,
+                    len: take,
+                });
             } else {
                 push_absent(level, dir, cursor, take, out)?;
             }
@@ -341,9 +390,20 @@ impl MemoryImage {
 /// that adjacent runs can be merged.
 #[derive(Clone, Copy, Debug)]
 enum Piece {
-    Data { addr: u64, level: usize, start: usize, len: usize },
-    Absent { addr: u64, len: u64 },
-    Lazy { addr: u64, len: u64 },
+    Data {
+        addr: u64,
+        level: usize,
+        start: usize,
+        len: usize,
+    },
+    Absent {
+        addr: u64,
+        len: u64,
+    },
+    Lazy {
+        addr: u64,
+        len: u64,
+    },
 }
 
 /// Records a range the level's pagemap does not have. In a parent level that is an error:
@@ -356,7 +416,11 @@ fn push_absent(
     out: &mut Vec<Piece>,
 ) -> Result<(), MemoryError> {
     if level > 0 {
-        return Err(MemoryError::MissingInParent { dir: dir.to_path_buf(), addr, len });
+        return Err(MemoryError::MissingInParent {
+            dir: dir.to_path_buf(),
+            addr,
+            len,
+        });
     }
     if let Some(Piece::Absent { addr: a, len: l }) = out.last_mut()
         && *a + *l == addr
@@ -371,7 +435,12 @@ fn push_absent(
 /// Appends data, merging it with the previous piece when the two are adjacent both in memory
 /// and in the same pages file.
 fn push_data(addr: u64, level: usize, start: usize, len: usize, out: &mut Vec<Piece>) {
-    if let Some(Piece::Data { addr: a, level: l, start: s, len: n }) = out.last_mut()
+    if let Some(Piece::Data {
+        addr: a,
+        level: l,
+        start: s,
+        len: n,
+    }) = out.last_mut()
         && *l == level
         && *a + *n as u64 == addr
         && *s + *n == start
@@ -379,5 +448,10 @@ fn push_data(addr: u64, level: usize, start: usize, len: usize, out: &mut Vec<Pi
         *n += len;
         return;
     }
-    out.push(Piece::Data { addr, level, start, len });
+    out.push(Piece::Data {
+        addr,
+        level,
+        start,
+        len,
+    });
 }

@@ -93,8 +93,10 @@ pub enum PagemapError {
         nr_pages: u64,
     },
     /// Entries are not in ascending, non-overlapping order, which CRIU requires.
-    #[error("entry {index}: address {vaddr:#x} is below the end {previous_end:#x} of the \
-             previous entry (entries must be sorted and must not overlap)")]
+    #[error(
+        "entry {index}: address {vaddr:#x} is below the end {previous_end:#x} of the \
+             previous entry (entries must be sorted and must not overlap)"
+    )]
     Unsorted {
         /// Index of the entry in the image.
         index: usize,
@@ -134,10 +136,16 @@ fn decode_entry(message: &[u8], index: usize) -> Result<(u64, u64, u32), Pagemap
             }
         }
     }
-    let vaddr = vaddr.ok_or(PagemapError::MissingField { index, field: "vaddr" })?;
+    let vaddr = vaddr.ok_or(PagemapError::MissingField {
+        index,
+        field: "vaddr",
+    })?;
     let nr_pages = nr64
         .or(nr32.map(u64::from))
-        .ok_or(PagemapError::MissingField { index, field: "nr_pages" })?;
+        .ok_or(PagemapError::MissingField {
+            index,
+            field: "nr_pages",
+        })?;
     // CRIU's compatibility rule: the legacy in_parent flag wins, and an entry without flags
     // is an ordinary present one.
     let flags = match (in_parent, flags) {
@@ -157,14 +165,18 @@ impl Pagemap {
     pub fn parse(data: &[u8], page_size: u64) -> Result<Self, PagemapError> {
         let image = Image::parse(data)?;
         if image.magic() != magic::PAGEMAP {
-            return Err(PagemapError::NotPagemap { found: image.magic_name() });
+            return Err(PagemapError::NotPagemap {
+                found: image.magic_name(),
+            });
         }
         let mut entries_iter = image.entries()?;
         let head = entries_iter.next().ok_or(PagemapError::NoHead)??;
         let pages_id = wire::last_varint(head.message, 1)
             .map_err(|source| PagemapError::Malformed { index: 0, source })?
-            .ok_or(PagemapError::MissingField { index: 0, field: "pages_id" })?
-            as u32;
+            .ok_or(PagemapError::MissingField {
+                index: 0,
+                field: "pages_id",
+            })? as u32;
 
         // CRIU sizes its own array by this estimate; it bounds the allocation by the file size.
         let mut entries = Vec::with_capacity(data.len() / 16 + 1);
@@ -174,22 +186,39 @@ impl Pagemap {
             let entry = entry?;
             let index = entry.index;
             let (vaddr, nr_pages, flags) = decode_entry(entry.message, index)?;
-            let overflow = PagemapError::Overflow { index, vaddr, nr_pages };
+            let overflow = PagemapError::Overflow {
+                index,
+                vaddr,
+                nr_pages,
+            };
             let len = nr_pages.checked_mul(page_size).ok_or(overflow.clone())?;
             let end = vaddr.checked_add(len).ok_or(overflow)?;
             if vaddr < previous_end {
-                return Err(PagemapError::Unsorted { index, vaddr, previous_end });
+                return Err(PagemapError::Unsorted {
+                    index,
+                    vaddr,
+                    previous_end,
+                });
             }
             previous_end = end;
 
-            entries.push(PagemapEntry { vaddr, nr_pages, flags, pages_offset: offset });
+            entries.push(PagemapEntry {
+                vaddr,
+                nr_pages,
+                flags,
+                pages_offset: offset,
+            });
             if flags & PE_PRESENT != 0 {
                 // The sum of present lengths cannot exceed the address space, which the
                 // sortedness check above bounds.
                 offset = offset.saturating_add(len);
             }
         }
-        Ok(Pagemap { pages_id, entries, page_size })
+        Ok(Pagemap {
+            pages_id,
+            entries,
+            page_size,
+        })
     }
 
     /// End address of entry `entry`.
@@ -211,17 +240,29 @@ impl Pagemap {
 
     /// Number of pages with `PE_PRESENT`.
     pub fn present_pages(&self) -> u64 {
-        self.entries.iter().filter(|e| e.is_present()).map(|e| e.nr_pages).sum()
+        self.entries
+            .iter()
+            .filter(|e| e.is_present())
+            .map(|e| e.nr_pages)
+            .sum()
     }
 
     /// Number of pages in the parent dump.
     pub fn parent_pages(&self) -> u64 {
-        self.entries.iter().filter(|e| e.in_parent()).map(|e| e.nr_pages).sum()
+        self.entries
+            .iter()
+            .filter(|e| e.in_parent())
+            .map(|e| e.nr_pages)
+            .sum()
     }
 
     /// Number of lazy pages that were never written to this dump.
     pub fn lazy_only_pages(&self) -> u64 {
-        self.entries.iter().filter(|e| e.is_lazy_only()).map(|e| e.nr_pages).sum()
+        self.entries
+            .iter()
+            .filter(|e| e.is_lazy_only())
+            .map(|e| e.nr_pages)
+            .sum()
     }
 
     /// The length the pages file must have: every present page, in bytes.
@@ -287,13 +328,22 @@ mod tests {
     #[test]
     fn unsorted_and_overflowing_entries_are_errors() {
         let data = pagemap(&[entry(&[(1, 0x2000), (2, 2)]), entry(&[(1, 0x2000), (2, 1)])]);
-        assert!(matches!(Pagemap::parse(&data, 4096), Err(PagemapError::Unsorted { index: 2, .. })));
+        assert!(matches!(
+            Pagemap::parse(&data, 4096),
+            Err(PagemapError::Unsorted { index: 2, .. })
+        ));
         let data = pagemap(&[entry(&[(1, u64::MAX - 4095), (2, 2)])]);
-        assert!(matches!(Pagemap::parse(&data, 4096), Err(PagemapError::Overflow { index: 1, .. })));
+        assert!(matches!(
+            Pagemap::parse(&data, 4096),
+            Err(PagemapError::Overflow { index: 1, .. })
+        ));
         let data = pagemap(&[entry(&[(2, 2)])]);
         assert_eq!(
             Pagemap::parse(&data, 4096),
-            Err(PagemapError::MissingField { index: 1, field: "vaddr" })
+            Err(PagemapError::MissingField {
+                index: 1,
+                field: "vaddr"
+            })
         );
     }
 }

@@ -25,7 +25,12 @@ pub struct JsonWriter {
 impl JsonWriter {
     /// A writer; `pretty` selects the `indent=4` layout.
     pub fn new(pretty: bool) -> Self {
-        JsonWriter { out: String::new(), pretty, stack: Vec::new(), after_key: false }
+        JsonWriter {
+            out: String::new(),
+            pretty,
+            stack: Vec::new(),
+            after_key: false,
+        }
     }
 
     /// The text written so far.
@@ -203,7 +208,10 @@ fn push_hex(out: &mut Vec<u8>, byte: u8) {
 /// `quopri.encodestring` (which is `binascii.b2a_qp` in text mode): quoted-printable with
 /// soft line breaks at 76 columns, as crit renders unix socket names.
 pub fn quopri_encode(data: &[u8]) -> String {
-    let crlf = data.iter().position(|&b| b == b'\n').is_some_and(|i| i > 0 && data[i - 1] == b'\r');
+    let crlf = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .is_some_and(|i| i > 0 && data[i - 1] == b'\r');
     let soft_break = |out: &mut Vec<u8>| {
         out.push(b'=');
         if crlf {
@@ -219,9 +227,8 @@ pub fn quopri_encode(data: &[u8]) -> String {
         let c = data[i];
         let last = i + 1 == data.len();
         let next = data.get(i + 1).copied();
-        let lone_dot = c == b'.'
-            && line == 0
-            && matches!(next, None | Some(b'\n') | Some(b'\r') | Some(0));
+        let lone_dot =
+            c == b'.' && line == 0 && matches!(next, None | Some(b'\n') | Some(b'\r') | Some(0));
         let must_quote = c > 126
             || c == b'='
             || lone_dot
@@ -315,7 +322,12 @@ pub fn ip_words(text: &str) -> Option<Vec<u32>> {
         return Some(vec![u32::from_ne_bytes(v4.octets())]);
     }
     let v6 = text.parse::<Ipv6Addr>().ok()?;
-    Some(v6.octets().chunks(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Some(
+        v6.octets()
+            .chunks(4)
+            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
 }
 
 /// Python's `IPv6Address.compressed`: lowercase hextets without leading zeros, the longest run
@@ -363,7 +375,9 @@ pub fn parse_int(text: &str) -> Option<i128> {
     } else if let Some(rest) = lower.strip_prefix("0b") {
         (2, rest.trim_start_matches('_'))
     } else {
-        if lower.len() > 1 && lower.starts_with('0') && lower.bytes().any(|b| b != b'0' && b != b'_')
+        if lower.len() > 1
+            && lower.starts_with('0')
+            && lower.bytes().any(|b| b != b'0' && b != b'_')
         {
             return None;
         }
@@ -405,7 +419,10 @@ mod tests {
         w.bool(true);
         w.end_array();
         w.end_object();
-        assert_eq!(w.finish(), "{\n    \"a\": [],\n    \"b\": [\n        true\n    ]\n}");
+        assert_eq!(
+            w.finish(),
+            "{\n    \"a\": [],\n    \"b\": [\n        true\n    ]\n}"
+        );
     }
 
     #[test]
@@ -419,7 +436,10 @@ mod tests {
 
     #[test]
     fn quoted_printable_round_trips() {
-        assert_eq!(quopri_encode(b"\0abstract=name\xff"), "=00abstract=3Dname=FF");
+        assert_eq!(
+            quopri_encode(b"\0abstract=name\xff"),
+            "=00abstract=3Dname=FF"
+        );
         assert_eq!(quopri_encode(b"/tmp/sock "), "/tmp/sock=20");
         let long = vec![b'a'; 100];
         let encoded = quopri_encode(&long);

@@ -96,7 +96,10 @@ pub struct MessageSchema {
 impl MessageSchema {
     /// The field with number `number`.
     pub fn field(&self, number: u32) -> Option<&FieldSchema> {
-        self.fields.binary_search_by_key(&number, |f| f.number).ok().map(|i| &self.fields[i])
+        self.fields
+            .binary_search_by_key(&number, |f| f.number)
+            .ok()
+            .map(|i| &self.fields[i])
     }
 
     /// The field named `name`.
@@ -117,12 +120,18 @@ pub struct EnumSchema {
 impl EnumSchema {
     /// The name of `number`, if the enum defines it.
     pub fn name_of(&self, number: i32) -> Option<&str> {
-        self.values.iter().find(|(n, _)| *n == number).map(|(_, name)| name.as_str())
+        self.values
+            .iter()
+            .find(|(n, _)| *n == number)
+            .map(|(_, name)| name.as_str())
     }
 
     /// The number of `name`, if the enum defines it.
     pub fn number_of(&self, name: &str) -> Option<i32> {
-        self.values.iter().find(|(_, n)| n == name).map(|(number, _)| *number)
+        self.values
+            .iter()
+            .find(|(_, n)| n == name)
+            .map(|(number, _)| *number)
     }
 }
 
@@ -168,10 +177,17 @@ fn criu_options(pool: &DescriptorPool, field: &prost_reflect::FieldDescriptor) -
     let ReflectValue::Message(opts) = value.as_ref() else {
         return CriuOptions::default();
     };
-    let flag = |name: &str| opts.get_field_by_name(name).and_then(|v| v.as_bool()).unwrap_or(false);
+    let flag = |name: &str| {
+        opts.get_field_by_name(name)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
     let text = |name: &str| {
         opts.has_field_by_name(name)
-            .then(|| opts.get_field_by_name(name).and_then(|v| v.as_str().map(str::to_owned)))
+            .then(|| {
+                opts.get_field_by_name(name)
+                    .and_then(|v| v.as_str().map(str::to_owned))
+            })
             .flatten()
     };
     CriuOptions {
@@ -186,15 +202,26 @@ fn criu_options(pool: &DescriptorPool, field: &prost_reflect::FieldDescriptor) -
 }
 
 fn compile(pool: &DescriptorPool) -> Schema {
-    let criu_messages: Vec<MessageDescriptor> =
-        pool.all_messages().filter(|m| m.package_name() == "criu").collect();
-    let criu_enums: Vec<_> = pool.all_enums().filter(|e| e.package_name() == "criu").collect();
+    let criu_messages: Vec<MessageDescriptor> = pool
+        .all_messages()
+        .filter(|m| m.package_name() == "criu")
+        .collect();
+    let criu_enums: Vec<_> = pool
+        .all_enums()
+        .filter(|e| e.package_name() == "criu")
+        .collect();
 
     let local = |full: &str| full.strip_prefix("criu.").unwrap_or(full).to_owned();
-    let message_index: HashMap<String, usize> =
-        criu_messages.iter().enumerate().map(|(i, m)| (m.full_name().to_owned(), i)).collect();
-    let enum_index: HashMap<String, usize> =
-        criu_enums.iter().enumerate().map(|(i, e)| (e.full_name().to_owned(), i)).collect();
+    let message_index: HashMap<String, usize> = criu_messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.full_name().to_owned(), i))
+        .collect();
+    let enum_index: HashMap<String, usize> = criu_enums
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.full_name().to_owned(), i))
+        .collect();
 
     let messages = criu_messages
         .iter()
@@ -232,7 +259,10 @@ fn compile(pool: &DescriptorPool) -> Schema {
                 })
                 .collect();
             fields.sort_by_key(|f| f.number);
-            MessageSchema { name: local(message.full_name()), fields }
+            MessageSchema {
+                name: local(message.full_name()),
+                fields,
+            }
         })
         .collect::<Vec<_>>();
 
@@ -240,12 +270,23 @@ fn compile(pool: &DescriptorPool) -> Schema {
         .iter()
         .map(|e| EnumSchema {
             name: local(e.full_name()),
-            values: e.values().map(|v| (v.number(), v.name().to_owned())).collect(),
+            values: e
+                .values()
+                .map(|v| (v.number(), v.name().to_owned()))
+                .collect(),
         })
         .collect();
 
-    let by_name = messages.iter().enumerate().map(|(i, m)| (m.name.clone(), i)).collect();
-    Schema { messages, enums, by_name }
+    let by_name = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name.clone(), i))
+        .collect();
+    Schema {
+        messages,
+        enums,
+        by_name,
+    }
 }
 
 #[cfg(test)]
@@ -260,7 +301,9 @@ mod tests {
         let status = vma.field_by_name("status").expect("status field");
         assert_eq!(status.criu.flags.as_deref(), Some("mmap.status"));
 
-        let (_, core) = schema().message("criu.core_entry").expect("core_entry exists");
+        let (_, core) = schema()
+            .message("criu.core_entry")
+            .expect("core_entry exists");
         let numbers: Vec<u32> = core.fields.iter().map(|f| f.number).collect();
         let mut sorted = numbers.clone();
         sorted.sort_unstable();
@@ -269,9 +312,20 @@ mod tests {
 
     #[test]
     fn every_kind_names_a_known_message() {
-        for name in ["inventory_entry", "pagemap_head", "pagemap_entry", "ghost_chunk_entry",
-            "ipc_msg", "file_entry", "binfmt_misc_entry", "pidfd_entry"] {
-            assert!(schema().message(name).is_some(), "{name} missing from the schema");
+        for name in [
+            "inventory_entry",
+            "pagemap_head",
+            "pagemap_entry",
+            "ghost_chunk_entry",
+            "ipc_msg",
+            "file_entry",
+            "binfmt_misc_entry",
+            "pidfd_entry",
+        ] {
+            assert!(
+                schema().message(name).is_some(),
+                "{name} missing from the schema"
+            );
         }
     }
 }

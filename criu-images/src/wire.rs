@@ -123,7 +123,11 @@ pub struct Fields<'a> {
 
 /// Iterates over the fields of `message`.
 pub fn fields(message: &[u8]) -> Fields<'_> {
-    Fields { bytes: message, pos: 0, failed: false }
+    Fields {
+        bytes: message,
+        pos: 0,
+        failed: false,
+    }
 }
 
 impl<'a> Fields<'a> {
@@ -139,7 +143,10 @@ impl<'a> Fields<'a> {
         }
         let number = number as u32;
         let rest = &self.bytes[self.pos..];
-        let truncated = WireError::Truncated { number, offset: start };
+        let truncated = WireError::Truncated {
+            number,
+            offset: start,
+        };
 
         let value = match tag & 7 {
             0 => {
@@ -148,7 +155,11 @@ impl<'a> Fields<'a> {
                 Value::Varint(v)
             }
             1 => {
-                let raw: [u8; 8] = rest.get(..8).ok_or(truncated)?.try_into().map_err(|_| truncated)?;
+                let raw: [u8; 8] = rest
+                    .get(..8)
+                    .ok_or(truncated)?
+                    .try_into()
+                    .map_err(|_| truncated)?;
                 self.pos += 8;
                 Value::Fixed64(u64::from_le_bytes(raw))
             }
@@ -160,7 +171,11 @@ impl<'a> Fields<'a> {
                 Value::Bytes(body)
             }
             5 => {
-                let raw: [u8; 4] = rest.get(..4).ok_or(truncated)?.try_into().map_err(|_| truncated)?;
+                let raw: [u8; 4] = rest
+                    .get(..4)
+                    .ok_or(truncated)?
+                    .try_into()
+                    .map_err(|_| truncated)?;
                 self.pos += 4;
                 Value::Fixed32(u32::from_le_bytes(raw))
             }
@@ -219,14 +234,25 @@ mod tests {
     fn walks_fields_and_reports_truncation() {
         // vaddr = 0x1000 (field 1), nr_pages = 2 (field 2), flags = 4 (field 4).
         let msg = [0x08, 0x80, 0x20, 0x10, 0x02, 0x20, 0x04];
-        let numbers: Vec<u32> = fields(&msg).map(|f| f.map(|f| f.number)).collect::<Result<_, _>>()
+        let numbers: Vec<u32> = fields(&msg)
+            .map(|f| f.map(|f| f.number))
+            .collect::<Result<_, _>>()
             .expect("valid message");
         assert_eq!(numbers, [1, 2, 4]);
         assert_eq!(last_varint(&msg, 4), Ok(Some(4)));
         assert_eq!(last_varint(&msg, 3), Ok(None));
 
         let cut = [0x0a, 0x05, b'a'];
-        assert_eq!(fields(&cut).next(), Some(Err(WireError::Truncated { number: 1, offset: 0 })));
-        assert!(matches!(fields(&[0x07]).next(), Some(Err(WireError::Tag { .. }))));
+        assert_eq!(
+            fields(&cut).next(),
+            Some(Err(WireError::Truncated {
+                number: 1,
+                offset: 0
+            }))
+        );
+        assert!(matches!(
+            fields(&[0x07]).next(),
+            Some(Err(WireError::Tag { .. }))
+        ));
     }
 }

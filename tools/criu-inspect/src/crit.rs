@@ -10,7 +10,12 @@ use crate::output::{self, InvalidInput};
 
 /// `decode` and `show`: an image to crit's JSON. Like crit, a newline follows the JSON on
 /// stdout but not in a file.
-pub fn decode(input: Option<&Path>, out: Option<&Path>, pretty: bool, no_payload: bool) -> anyhow::Result<()> {
+pub fn decode(
+    input: Option<&Path>,
+    out: Option<&Path>,
+    pretty: bool,
+    no_payload: bool,
+) -> anyhow::Result<()> {
     let data = output::read_in(input)?;
     let name = input.map_or_else(|| "stdin".to_owned(), |p| p.display().to_string());
     let image = Image::parse(&data).with_context(|| format!("cannot decode {name}"))?;
@@ -27,7 +32,9 @@ pub fn encode(input: Option<&Path>, out: Option<&Path>) -> anyhow::Result<()> {
     let data = output::read_in(input)?;
     let name = input.map_or_else(|| "stdin".to_owned(), |p| p.display().to_string());
     let value: serde_json::Value = serde_json::from_slice(&data).map_err(|e| {
-        InvalidInput(format!("{name} is not JSON ({e}); encode expects the JSON that decode prints"))
+        InvalidInput(format!(
+            "{name} is not JSON ({e}); encode expects the JSON that decode prints"
+        ))
     })?;
     let image = json::encode(&value).with_context(|| format!("cannot encode {name}"))?;
     output::write_out(out, &image)
@@ -37,7 +44,8 @@ pub fn encode(input: Option<&Path>, out: Option<&Path>) -> anyhow::Result<()> {
 pub fn info(input: &Path) -> anyhow::Result<()> {
     let data = output::read_in(Some(input))?;
     let image = Image::parse(&data).with_context(|| format!("cannot read {}", input.display()))?;
-    let mut text = json::info(&image).with_context(|| format!("cannot read {}", input.display()))?;
+    let mut text =
+        json::info(&image).with_context(|| format!("cannot read {}", input.display()))?;
     text.push('\n');
     output::write_out(None, text.as_bytes())
 }

@@ -27,25 +27,30 @@ fn open(dir: &Path) -> anyhow::Result<Checkpoint> {
 }
 
 /// Names files the way crit's explorers do.
-struct FileNames {
+pub(crate) struct FileNames {
     files: HashMap<u32, FileEntry>,
 }
 
 impl FileNames {
-    fn load(checkpoint: &Checkpoint) -> anyhow::Result<Self> {
+    /// The file object with id `id`.
+    pub(crate) fn get(&self, id: u32) -> Option<&FileEntry> {
+        self.files.get(&id)
+    }
+
+    pub(crate) fn load(checkpoint: &Checkpoint) -> anyhow::Result<Self> {
         let files = checkpoint.files()?.into_iter().map(|f| (f.id, f)).collect();
         Ok(FileNames { files })
     }
 
     /// A regular file's path, as crit prints it for cwd, root, exe and file mappings.
-    fn regular(&self, id: u32) -> String {
+    pub(crate) fn regular(&self, id: u32) -> String {
         match self.files.get(&id).and_then(|f| f.reg.as_ref()) {
             Some(reg) if !reg.name.is_empty() => reg.name.clone(),
             _ => "unknown path".to_owned(),
         }
     }
 
-    fn describe(&self, fd_type: i32, id: u32) -> String {
+    pub(crate) fn describe(&self, fd_type: i32, id: u32) -> String {
         let file = self.files.get(&id);
         match FdTypes::try_from(fd_type) {
             Ok(FdTypes::Reg) => self.regular(id),
@@ -98,12 +103,19 @@ fn show_task(
 ) {
     let comm = comms.get(&task.pid).map_or("", String::as_str);
     let indent = " ".repeat(4 * depth);
-    let _ = writeln!(out, "{:>7}{:>7}{:>7}   {indent}{comm}", task.pid, task.pgid, task.sid);
+    let _ = writeln!(
+        out,
+        "{:>7}{:>7}{:>7}   {indent}{comm}",
+        task.pid, task.pgid, task.sid
+    );
     // A malformed tree could be cyclic; no real tree is deeper than the pid space.
     if depth > 4_194_304 {
         return;
     }
-    for child in tree.iter().filter(|t| t.ppid == task.pid && t.pid != task.pid) {
+    for child in tree
+        .iter()
+        .filter(|t| t.ppid == task.pid && t.pid != task.pid)
+    {
         show_task(tree, comms, child, depth + 1, out);
     }
 }
@@ -180,7 +192,10 @@ pub fn mems(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn prot_string(prot: u32) -> String {
-    [(1, 'r'), (2, 'w'), (4, 'x')].iter().map(|&(bit, c)| if prot & bit != 0 { c } else { '-' }).collect()
+    [(1, 'r'), (2, 'w'), (4, 'x')]
+        .iter()
+        .map(|&(bit, c)| if prot & bit != 0 { c } else { '-' })
+        .collect()
 }
 
 /// `x rss`: each pagemap entry beside the mappings it covers.
@@ -210,7 +225,12 @@ pub fn rss(dir: &Path) -> anyhow::Result<()> {
                 if previous == Some(vmi) {
                     covered.push_str(" ~");
                 } else {
-                    let _ = write!(covered, " {:08x} / {:<8}", vma.start, (vma.end - vma.start) >> 12);
+                    let _ = write!(
+                        covered,
+                        " {:08x} / {:<8}",
+                        vma.start,
+                        (vma.end - vma.start) >> 12
+                    );
                     if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
                         let _ = write!(covered, " {}", names.regular(vma.shmid as u32));
                     }

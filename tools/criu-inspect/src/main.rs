@@ -101,9 +101,9 @@ enum Command {
         /// Hexdump the process's dumped memory.
         #[arg(long)]
         hexdump: bool,
-        /// Page size of the dumping machine, in bytes.
-        #[arg(long, default_value_t = 4096)]
-        page_size: u64,
+        /// Page size of the dumping machine in bytes (default: the architecture's usual one).
+        #[arg(long)]
+        page_size: Option<u64>,
     },
 }
 
@@ -122,9 +122,11 @@ enum Explore {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Decode { input, output, pretty } => {
-            crit::decode(input.as_deref(), output.as_deref(), pretty, false)
-        }
+        Command::Decode {
+            input,
+            output,
+            pretty,
+        } => crit::decode(input.as_deref(), output.as_deref(), pretty, false),
         Command::Encode { input, output } => crit::encode(input.as_deref(), output.as_deref()),
         Command::Show { input, nopl } => crit::decode(Some(&input), None, true, nopl),
         Command::Info { input } => crit::info(&input),
@@ -135,13 +137,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Explore::Rss => explore::rss(&dir),
         },
         Command::Inspect { dir, json } => inspect::run(&dir, json),
-        Command::Memparse { dir, pid, search, regex, context, hexdump, page_size } => {
+        Command::Memparse {
+            dir,
+            pid,
+            search,
+            regex,
+            context,
+            hexdump,
+            page_size,
+        } => {
             let query = match (search, regex) {
                 (Some(text), _) => Some(memparse::Query::Text(text)),
                 (None, Some(pattern)) => Some(memparse::Query::Regex(pattern)),
                 (None, None) => None,
             };
-            memparse::run(&memparse::Request { dir, pid, query, context, hexdump, page_size })
+            memparse::run(&memparse::Request {
+                dir,
+                pid,
+                query,
+                context,
+                hexdump,
+                page_size,
+            })
         }
     }
 }
@@ -151,7 +168,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return if error.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if error.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match run(cli) {

@@ -25,7 +25,9 @@ impl std::error::Error for InvalidInput {}
 /// Whether the error is stdout being closed by its reader.
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
     })
 }
 
@@ -38,7 +40,9 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
             || cause.is::<EncodeError>()
             || cause.is::<PagemapError>()
             || cause.is::<serde_json::Error>()
-            || cause.downcast_ref::<MemoryError>().is_some_and(|e| !matches!(e, MemoryError::Io { .. }))
+            || cause
+                .downcast_ref::<MemoryError>()
+                .is_some_and(|e| !matches!(e, MemoryError::Io { .. }))
             || cause
                 .downcast_ref::<CheckpointError>()
                 .is_some_and(|e| !matches!(e, CheckpointError::Io { .. }))
@@ -130,7 +134,13 @@ mod tests {
 
     #[test]
     fn tables_align_columns() {
-        let text = table(&["PID", "COMM"], &[vec!["1".into(), "sh".into()], vec!["123".into(), "sleep".into()]]);
+        let text = table(
+            &["PID", "COMM"],
+            &[
+                vec!["1".into(), "sh".into()],
+                vec!["123".into(), "sleep".into()],
+            ],
+        );
         assert_eq!(text, "PID  COMM\n1    sh\n123  sleep\n");
     }
 }
