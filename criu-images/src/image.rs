@@ -556,3 +556,152 @@ impl ImageWriter {
         self.out
     }
 }
+
+/// Rewrites some entries of an image and copies everything else byte for byte.
+///
+/// `change` sees each entry and returns the new encoding of its message, or `None` to keep
+/// it. Unchanged entries keep their exact bytes (unknown fields included), and every payload is
+/// copied as it was, so only what `change` touched differs in the result.
+///
+/// # Errors
+///
+/// Framing errors of the input and messages too large to frame; `change`'s own errors.
+pub fn rewrite<E>(
+    image: &Image<'_>,
+    mut change: impl FnMut(&Entry<'_>) -> Result<Option<Vec<u8>>, E>,
+) -> Result<Vec<u8>, E>
+where
+    E: From<ImageError>,
+{
+    let data = image.bytes();
+    let mut out = Vec::with_capacity(data.len());
+    out.extend_from_slice(&data[..image.body_offset()]);
+    for entry in image.entries()? {
+        let entry = entry?;
+        let payload_start = entry.offset + 4 + entry.message.len();
+        match change(&entry)? {
+            None => out.extend_from_slice(&data[entry.offset..payload_start]),
+            Some(message) => {
+                let size = u32::try_from(message.len())
+                    .map_err(|_| ImageError::MessageTooLarge { len: message.len() })?;
+                out.extend_from_slice(&size.to_ne_bytes());
+                out.extend_from_slice(&message);
+            }
+        }
+        out.extend_from_slice(&data[payload_start..entry.end()]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::WireType;
+
+    fn sk_queue_image() -> Vec<u8> {
+        // sk_packet_entry { id_for: 7, length: 3 } followed by 3 payload bytes, twice; the
+        // second entry also carries an unknown field 99.
+        let mut first = Vec::new();
+        wire::write_tag(&mut first, 1, WireType::Varint);
+        wire::write_varint(&mut first, 7);
+        wire::write_tag(&mut first, 2, WireType::Varint);
+        wire::write_varint(&mut first, 3);
+        let mut second = first.clone();
+        wire::write_tag(&mut second, 99, WireType::Varint);
+        wire::write_varint(&mut second, 1);
+
+        let mut writer = ImageWriter::new(magic::value("SK_QUEUES").expect("known magic"));
+        writer.message(&first).expect("small").payload(b"abc");
+        writer.message(&second).expect("small").payload(b"xyz");
+        writer.finish()
+    }
+
+    #[test]
+    fn payloads_are_framed_by_their_entries() {
+        let data = sk_queue_image();
+        let image = Image::parse(&data).expect("valid image");
+        let entries: Vec<Entry<'_>> = image
+            .entries()
+            .expect("has a layout")
+            .collect::<Result<_, _>>()
+            .expect("valid entries");
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].payload, Payload::Bytes(b"abc"));
+        assert_eq!(entries[1].payload, Payload::Bytes(b"xyz"));
+        assert_eq!(entries[1].end(), data.len());
+    }
+
+    #[test]
+    fn rewrite_keeps_untouched_bytes_and_unknown_fields() {
+        let data = sk_queue_image();
+        let image = Image::parse(&data).expect("valid image");
+        let same = rewrite::<ImageError>(&image, |_| Ok(None)).expect("rewrites");
+        assert_eq!(same, data);
+
+        let changed = rewrite::<ImageError>(&image, |entry| {
+            Ok((entry.index == 0).then(|| {
+                let mut message = entry.message.to_vec();
+                message[1] = 8;
+                message
+            }))
+        })
+        .expect("rewrites");
+        let differing: Vec<usize> = (0..data.len()).filter(|&i| data[i] != changed[i]).collect();
+        assert_eq!(differing.len(), 1, "only the patched byte differs");
+        assert!(changed.ends_with(b"xyz"));
+    }
+
+    #[test]
+    fn corrupt_framing_is_reported_with_its_place() {
+        let mut data = sk_queue_image();
+        assert!(matches!(
+            Image::parse(&data[..6]),
+            Err(ImageError::TooShort { len: 6 })
+        ));
+
+        let last = data.len() - 1;
+        data.truncate(last);
+        let image = Image::parse(&data).expect("magic intact");
+        let error = image
+            .entries()
+            .expect("layout")
+            .last()
+            .expect("an item")
+            .expect_err("cut");
+        assert!(matches!(
+            error,
+            ImageError::TruncatedPayload {
+                index: 1,
+                needed: 3,
+                available: 2,
+                ..
+            }
+        ));
+
+        let mut data = sk_queue_image();
+        data[8..12].copy_from_slice(&u32::MAX.to_ne_bytes());
+        let image = Image::parse(&data).expect("magic intact");
+        let error = image
+            .entries()
+            .expect("layout")
+            .next()
+            .expect("an item")
+            .expect_err("bad size");
+        assert!(matches!(
+            error,
+            ImageError::TruncatedEntry {
+                index: 0,
+                offset: 8,
+                size: u32::MAX,
+                ..
+            }
+        ));
+
+        let mut data = sk_queue_image();
+        data[4..8].copy_from_slice(&0x1234_5678u32.to_ne_bytes());
+        assert_eq!(
+            Image::parse(&data).err(),
+            Some(ImageError::UnknownMagic { magic: 0x1234_5678 })
+        );
+    }
+}

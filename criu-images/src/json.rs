@@ -446,7 +446,7 @@ fn write_value(
     match (schema.ty, value) {
         (FieldType::Message(index), Value::Bytes(bytes)) => {
             w.begin_object();
-            write_fields(w, &schema_message(index), bytes, pretty, hex)?;
+            write_fields(w, schema_message(index), bytes, pretty, hex)?;
             w.end_object();
         }
         (FieldType::Bytes, Value::Bytes(bytes)) => match schema.criu.conv.as_deref() {

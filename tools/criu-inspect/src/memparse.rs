@@ -176,7 +176,7 @@ fn hexdump(checkpoint: &Checkpoint, pid: u32) -> anyhow::Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    writeln!(out, "{:<16}  {:<48} {}", "ADDRESS", "HEX", "ASCII")?;
+    writeln!(out, "{:<16}  {:<48} ASCII", "ADDRESS", "HEX")?;
     for chunk in all_memory(&memory)? {
         match chunk {
             Chunk::Data { addr, bytes } => {
