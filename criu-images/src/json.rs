@@ -15,7 +15,9 @@
 //! - An enum value the schema does not define is printed as its number; crit drops the field.
 //! - `bpfmap-data` payloads encode (crit fails on them with a bytes/str error).
 
+use rayon::prelude::*;
 use serde_json::{Map, Value as Json};
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::image::{Entry, Image, ImageError, ImageWriter, Payload};
@@ -44,6 +46,9 @@ pub enum DecodeError {
         #[source]
         source: WireError,
     },
+    /// The JSON could not be written out.
+    #[error("cannot write the JSON")]
+    Write(#[source] std::io::Error),
     /// The layout names a message the schema lacks (a defect of this crate's tables).
     #[error("no schema for message {0}")]
     UnknownMessage(&'static str),
@@ -135,6 +140,31 @@ pub struct DecodeOptions {
 ///
 /// Framing errors and malformed messages.
 pub fn decode(image: &Image<'_>, options: DecodeOptions) -> Result<String, DecodeError> {
+    let mut out = Vec::with_capacity(image.bytes().len() * 4);
+    decode_to(image, options, &mut out)?;
+    // The writer produces ASCII only (Python's ensure_ascii).
+    Ok(String::from_utf8(out).unwrap_or_default())
+}
+
+/// Images render in batches of this many entries, so output streams out in bounded memory.
+const BATCH_ENTRIES: usize = 16384;
+
+/// Batches at least this large are split over threads.
+const PARALLEL_ENTRIES: usize = 2048;
+
+/// Renders `image` as crit's JSON into `out`, without a trailing newline.
+///
+/// Entries are framed in batches; a large batch (the pagemap of a big process) is rendered in
+/// parallel runs that are then written in order, so the text is exactly the sequential one.
+///
+/// # Errors
+///
+/// Framing errors, malformed messages and write errors.
+pub fn decode_to(
+    image: &Image<'_>,
+    options: DecodeOptions,
+    out: &mut dyn std::io::Write,
+) -> Result<(), DecodeError> {
     let layout = image.layout()?;
     let pretty = options.pretty;
     let mut w = JsonWriter::new(pretty);
@@ -143,13 +173,49 @@ pub fn decode(image: &Image<'_>, options: DecodeOptions) -> Result<String, Decod
     w.string(image.magic_name());
     w.key("entries");
     w.begin_array();
-    for entry in image.entries()? {
-        let entry = entry?;
-        decode_entry(&mut w, &entry, layout, options)?;
+
+    let mut entries = image.entries()?;
+    let mut batch: Vec<Entry<'_>> = Vec::new();
+    let mut schemas = MessageCache::default();
+    loop {
+        batch.clear();
+        for entry in entries.by_ref().take(BATCH_ENTRIES) {
+            batch.push(entry?);
+        }
+        if batch.is_empty() {
+            break;
+        }
+
+        if batch.len() < PARALLEL_ENTRIES {
+            for entry in &batch {
+                let message = schemas.get(entry.message_type)?;
+                decode_entry(&mut w, entry, message, layout, options)?;
+            }
+        } else {
+            let run_len = batch.len().div_ceil(rayon::current_num_threads().max(1));
+            let started = w.has_items();
+            let runs: Vec<String> = batch
+                .par_chunks(run_len)
+                .enumerate()
+                .map(|(i, run)| {
+                    let mut part = JsonWriter::continuing(pretty, &[true, started || i > 0], 0);
+                    let mut schemas = MessageCache::default();
+                    for entry in run {
+                        let message = schemas.get(entry.message_type)?;
+                        decode_entry(&mut part, entry, message, layout, options)?;
+                    }
+                    Ok(part.finish())
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            for run in &runs {
+                w.append_continued(run);
+            }
+        }
+        w.flush_to(out).map_err(DecodeError::Write)?;
     }
     w.end_array();
     w.end_object();
-    Ok(w.finish())
+    w.flush_to(out).map_err(DecodeError::Write)
 }
 
 /// crit's `info`: the magic and the number of entries (a pagemap's head not counted).
@@ -183,14 +249,31 @@ fn message_schema(name: &'static str) -> Result<&'static MessageSchema, DecodeEr
         .ok_or(DecodeError::UnknownMessage(name))
 }
 
+/// The schemas of the (at most two) message types of one image, looked up once.
+#[derive(Default)]
+struct MessageCache {
+    known: SmallVec<[(&'static str, &'static MessageSchema); 2]>,
+}
+
+impl MessageCache {
+    fn get(&mut self, name: &'static str) -> Result<&'static MessageSchema, DecodeError> {
+        if let Some(&(_, message)) = self.known.iter().find(|(n, _)| *n == name) {
+            return Ok(message);
+        }
+        let message = message_schema(name)?;
+        self.known.push((name, message));
+        Ok(message)
+    }
+}
+
 fn decode_entry(
     w: &mut JsonWriter,
     entry: &Entry<'_>,
+    message: &MessageSchema,
     layout: Layout,
     options: DecodeOptions,
 ) -> Result<(), DecodeError> {
     let pretty = options.pretty;
-    let message = message_schema(entry.message_type)?;
     let malformed = |source| DecodeError::Malformed {
         index: entry.index,
         offset: entry.offset,
@@ -299,14 +382,13 @@ fn write_payload(w: &mut JsonWriter, payload: &Payload<'_>) -> Result<(), WireEr
     Ok(())
 }
 
-/// The values of one field, gathered from the wire.
-enum Gathered<'a> {
-    One(Value<'a>),
-    Many(Vec<Value<'a>>),
-}
+/// Field values found on the wire, as (position in the schema's fields, value). Sixteen fit
+/// on the stack, which covers nearly every CRIU message.
+type Found<'a> = SmallVec<[(u16, Value<'a>); 16]>;
 
 /// Writes the fields of one message as object members, in field-number order as protobuf's
-/// `ListFields` returns them.
+/// `ListFields` returns them: repeated fields gathered into one list, the last value winning
+/// for the others.
 fn write_fields(
     w: &mut JsonWriter,
     message: &MessageSchema,
@@ -314,10 +396,8 @@ fn write_fields(
     pretty: bool,
     hex: bool,
 ) -> Result<(), WireError> {
-    // Indexed by position in `message.fields`; CRIU messages have at most a few dozen fields.
-    let mut gathered: Vec<Option<Gathered<'_>>> = Vec::new();
-    gathered.resize_with(message.fields.len(), || None);
-
+    let mut found: Found<'_> = SmallVec::new();
+    let mut sorted = true;
     for field in wire::fields(bytes) {
         let field = field?;
         let Ok(position) = message
@@ -326,45 +406,61 @@ fn write_fields(
         else {
             continue;
         };
-        let schema = &message.fields[position];
-        if schema.repeated {
-            let slot = gathered[position].get_or_insert_with(|| Gathered::Many(Vec::new()));
-            if let Gathered::Many(values) = slot {
-                unpack_into(schema, field.value, values)?;
-            }
-        } else if field.value.wire_type() == wire_type_of(schema.ty) {
-            gathered[position] = Some(Gathered::One(field.value));
-        }
+        let position = position as u16;
+        sorted &= found.last().is_none_or(|&(last, _)| last <= position);
+        found.push((position, field.value));
+    }
+    // CRIU writes fields in number order, so this sort almost never runs; it is stable, which
+    // keeps repeated values in wire order.
+    if !sorted {
+        found.sort_by_key(|&(position, _)| position);
     }
 
-    for (schema, values) in message.fields.iter().zip(gathered) {
-        match values {
-            None => {}
-            Some(Gathered::One(value)) => {
-                w.key(&schema.name);
+    let mut start = 0;
+    while start < found.len() {
+        let position = found[start].0;
+        let end = start
+            + found[start..]
+                .iter()
+                .take_while(|(p, _)| *p == position)
+                .count();
+        let schema = &message.fields[usize::from(position)];
+        let group = &found[start..end];
+        start = end;
+
+        if !schema.repeated {
+            let wanted = wire_type_of(schema.ty);
+            if let Some(&(_, value)) = group.iter().rev().find(|(_, v)| v.wire_type() == wanted) {
+                w.quoted_key(&schema.json_name);
                 write_value(w, schema, value, pretty, hex)?;
             }
-            Some(Gathered::Many(values)) if values.is_empty() => {}
-            Some(Gathered::Many(values)) => {
-                w.key(&schema.name);
-                w.begin_array();
-                let address = pretty && schema.criu.ipadd;
-                let words: Vec<u32> = if address {
-                    values.iter().map(|v| scalar_bits(*v) as u32).collect()
-                } else {
-                    Vec::new()
-                };
-                match address.then(|| pyfmt::ip_address(&words)).flatten() {
-                    Some(text) => w.string(&text),
-                    None => {
-                        for value in values {
-                            write_value(w, schema, value, pretty, hex)?;
-                        }
-                    }
+            continue;
+        }
+
+        let mut values: SmallVec<[Value<'_>; 8]> = SmallVec::new();
+        for &(_, value) in group {
+            unpack_into(schema, value, &mut values)?;
+        }
+        if values.is_empty() {
+            continue;
+        }
+        w.quoted_key(&schema.json_name);
+        w.begin_array();
+        let address = (pretty && schema.criu.ipadd)
+            .then(|| {
+                let words: Vec<u32> = values.iter().map(|v| scalar_bits(*v) as u32).collect();
+                pyfmt::ip_address(&words)
+            })
+            .flatten();
+        match address {
+            Some(text) => w.string(&text),
+            None => {
+                for value in values {
+                    write_value(w, schema, value, pretty, hex)?;
                 }
-                w.end_array();
             }
         }
+        w.end_array();
     }
     Ok(())
 }
@@ -382,7 +478,7 @@ fn wire_type_of(ty: FieldType) -> WireType {
 fn unpack_into<'a>(
     schema: &FieldSchema,
     value: Value<'a>,
-    out: &mut Vec<Value<'a>>,
+    out: &mut SmallVec<[Value<'a>; 8]>,
 ) -> Result<(), WireError> {
     let expected = wire_type_of(schema.ty);
     match (value, expected) {

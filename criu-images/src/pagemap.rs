@@ -123,16 +123,28 @@ pub struct Pagemap {
 /// that CRIU 4.2 writes instead of field 2.
 fn decode_entry(message: &[u8], index: usize) -> Result<(u64, u64, u32), PagemapError> {
     let (mut vaddr, mut nr32, mut in_parent, mut flags, mut nr64) = (None, None, false, None, None);
-    for field in wire::fields(message) {
-        let field = field.map_err(|source| PagemapError::Malformed { index, source })?;
-        if let Value::Varint(v) = field.value {
-            match field.number {
-                1 => vaddr = Some(v),
-                2 => nr32 = Some(v as u32),
-                3 => in_parent = v != 0,
-                4 => flags = Some(v as u32),
-                5 => nr64 = Some(v),
-                _ => {}
+    let mut record = |number: u32, v: u64| match number {
+        1 => vaddr = Some(v),
+        2 => nr32 = Some(v as u32),
+        3 => in_parent = v != 0,
+        4 => flags = Some(v as u32),
+        5 => nr64 = Some(v),
+        _ => {}
+    };
+    // Pagemaps can hold millions of entries, all varints in practice: read them directly,
+    // and walk the message generically only when something else turns up.
+    match varint_fields(message) {
+        Some(fields) => {
+            for (number, value) in fields.into_iter().flatten() {
+                record(number, value);
+            }
+        }
+        None => {
+            for field in wire::fields(message) {
+                let field = field.map_err(|source| PagemapError::Malformed { index, source })?;
+                if let Value::Varint(v) = field.value {
+                    record(field.number, v);
+                }
             }
         }
     }
@@ -154,6 +166,26 @@ fn decode_entry(message: &[u8], index: usize) -> Result<(u64, u64, u32), Pagemap
         (false, None) => PE_PRESENT,
     };
     Ok((vaddr, nr_pages, flags))
+}
+
+/// The fields of a message made of varint fields only (at most eight of them), or `None` for
+/// anything else.
+fn varint_fields(message: &[u8]) -> Option<[Option<(u32, u64)>; 8]> {
+    let mut out = [None; 8];
+    let mut pos = 0;
+    let mut count = 0;
+    while pos < message.len() {
+        let (tag, n) = wire::read_varint(&message[pos..])?;
+        pos += n;
+        if tag & 7 != 0 || count == out.len() {
+            return None;
+        }
+        let (value, n) = wire::read_varint(&message[pos..])?;
+        pos += n;
+        out[count] = Some(((tag >> 3) as u32, value));
+        count += 1;
+    }
+    Some(out)
 }
 
 impl Pagemap {

@@ -33,6 +33,56 @@ impl JsonWriter {
         }
     }
 
+    /// A writer with room for `capacity` bytes of output.
+    pub fn with_capacity(pretty: bool, capacity: usize) -> Self {
+        JsonWriter {
+            out: String::with_capacity(capacity),
+            pretty,
+            stack: Vec::new(),
+            after_key: false,
+        }
+    }
+
+    /// A writer that continues a document elsewhere: `open` lists, outermost first, the
+    /// containers already open and whether each has had an item, so the items written here
+    /// can be appended to the other writer's text.
+    pub fn continuing(pretty: bool, open: &[bool], capacity: usize) -> Self {
+        JsonWriter {
+            out: String::with_capacity(capacity),
+            pretty,
+            stack: open.to_vec(),
+            after_key: false,
+        }
+    }
+
+    /// Whether the innermost open container has had an item yet.
+    pub fn has_items(&self) -> bool {
+        self.stack.last().copied().unwrap_or(false)
+    }
+
+    /// Moves the text written so far to `out`, leaving the writer's state as it was.
+    ///
+    /// # Errors
+    ///
+    /// The error from writing.
+    pub fn flush_to(&mut self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        out.write_all(self.out.as_bytes())?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Appends text another writer produced with [`JsonWriter::continuing`] from this one's
+    /// state, and takes on that the innermost container now has items.
+    pub fn append_continued(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        self.out.push_str(text);
+        if let Some(has_items) = self.stack.last_mut() {
+            *has_items = true;
+        }
+    }
+
     /// The text written so far.
     pub fn finish(self) -> String {
         self.out
@@ -110,6 +160,15 @@ impl JsonWriter {
         self.after_key = true;
     }
 
+    /// Writes an object key given already quoted and escaped, as [`write_json_string`]
+    /// renders it.
+    pub fn quoted_key(&mut self, quoted: &str) {
+        self.item();
+        self.out.push_str(quoted);
+        self.out.push_str(": ");
+        self.after_key = true;
+    }
+
     /// Writes a string value.
     pub fn string(&mut self, value: &str) {
         self.item();
@@ -119,7 +178,14 @@ impl JsonWriter {
     /// Writes an integer value.
     pub fn int(&mut self, value: i128) {
         self.item();
-        let _ = write!(self.out, "{value}");
+        let mut buffer = itoa::Buffer::new();
+        // 64-bit formatting is much faster, and every protobuf integer fits one of the two.
+        let text = match (u64::try_from(value), i64::try_from(value)) {
+            (Ok(v), _) => buffer.format(v),
+            (_, Ok(v)) => buffer.format(v),
+            _ => buffer.format(value),
+        };
+        self.out.push_str(text);
     }
 
     /// Writes a boolean value.
@@ -152,6 +218,15 @@ fn python_float(value: f64) -> String {
 /// printable ASCII becomes `\uXXXX` (astral characters as surrogate pairs).
 pub fn write_json_string(out: &mut String, value: &str) {
     out.push('"');
+    // Most strings (field names, flag names, paths) need no escaping at all.
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(value);
+        out.push('"');
+        return;
+    }
     for c in value.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -74,6 +74,8 @@ pub struct FieldSchema {
     pub number: u32,
     /// The field name, as crit prints it.
     pub name: String,
+    /// The name as a quoted JSON string, rendered once for the JSON writer.
+    pub json_name: String,
     /// The value type.
     pub ty: FieldType,
     /// Whether the field is repeated.
@@ -248,9 +250,12 @@ fn compile(pool: &DescriptorPool) -> Schema {
                         Kind::Enum(e) => FieldType::Enum(enum_index[e.full_name()]),
                         Kind::Message(m) => FieldType::Message(message_index[m.full_name()]),
                     };
+                    let mut json_name = String::new();
+                    crate::pyfmt::write_json_string(&mut json_name, field.name());
                     FieldSchema {
                         number: field.number(),
                         name: field.name().to_owned(),
+                        json_name,
                         ty,
                         repeated: field.is_list(),
                         packed: field.is_packed(),

@@ -83,6 +83,11 @@ pub enum WireError {
 
 /// Reads a varint from the front of `bytes`, returning it and its encoded length.
 pub fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    if let Some(&byte) = bytes.first()
+        && byte < 0x80
+    {
+        return Some((u64::from(byte), 1));
+    }
     let mut value = 0u64;
     for (i, &byte) in bytes.iter().enumerate().take(10) {
         value |= u64::from(byte & 0x7f) << (7 * i);

@@ -19,12 +19,15 @@ pub fn decode(
     let data = output::read_in(input)?;
     let name = input.map_or_else(|| "stdin".to_owned(), |p| p.display().to_string());
     let image = Image::parse(&data).with_context(|| format!("cannot decode {name}"))?;
-    let mut text = json::decode(&image, DecodeOptions { pretty, no_payload })
-        .with_context(|| format!("cannot decode {name}"))?;
-    if out.is_none() {
-        text.push('\n');
-    }
-    output::write_out(out, text.as_bytes())
+    let options = DecodeOptions { pretty, no_payload };
+    output::with_out(out, |writer, to_stdout| {
+        json::decode_to(&image, options, writer)
+            .with_context(|| format!("cannot decode {name}"))?;
+        if to_stdout {
+            writer.write_all(b"\n")?;
+        }
+        Ok(())
+    })
 }
 
 /// `encode`: crit's JSON (or ours) back to an image.

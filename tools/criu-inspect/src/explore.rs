@@ -198,50 +198,133 @@ fn prot_string(prot: u32) -> String {
         .collect()
 }
 
+const SPACES: &str = "                        ";
+
+/// Appends `text` left-aligned in `width` columns (formatting machinery pads a character at a
+/// time, which dominated this listing).
+fn push_left(out: &mut String, text: &str, width: usize) {
+    out.push_str(text);
+    out.push_str(&SPACES[..width.saturating_sub(text.len()).min(SPACES.len())]);
+}
+
+/// Appends `value` in lowercase hex, zero-padded to `min_width` digits.
+fn push_hex(out: &mut String, value: u64, min_width: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buffer = [b'0'; 16];
+    let mut start = buffer.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        buffer[start] = DIGITS[(rest & 15) as usize];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = start.min(buffer.len() - min_width.min(buffer.len()));
+    out.extend(buffer[start..].iter().map(|&b| char::from(b)));
+}
+
 /// `x rss`: each pagemap entry beside the mappings it covers.
 pub fn rss(dir: &Path) -> anyhow::Result<()> {
     let checkpoint = open(dir)?;
     let names = FileNames::load(&checkpoint)?;
-    let mut out = String::new();
-    for task in checkpoint.pstree()? {
-        let vmas = checkpoint.mm(task.pid)?.vmas;
-        let memory = checkpoint
-            .memory(task.pid)?
-            .with_context(|| format!("no pagemap-{}.img in {}", task.pid, dir.display()))?;
-        let _ = writeln!(out, "{}", task.pid);
+    let tree = checkpoint.pstree()?;
+    output::with_out(None, |writer, _| {
+        let mut out = String::with_capacity(1 << 17);
+        for task in &tree {
+            rss_task(&checkpoint, &names, task.pid, &mut out, writer)?;
+        }
+        writer.write_all(out.as_bytes())?;
+        Ok(())
+    })
+}
 
-        let mut vmi = 0usize;
-        let mut previous: Option<usize> = None;
-        for entry in &memory.pagemap().entries {
-            let head = format!("\t{:x} / {:<8}", entry.vaddr, entry.nr_pages);
-            while vmi < vmas.len() && vmas[vmi].end <= entry.vaddr {
-                vmi += 1;
-            }
-            // crit assumes 4 KiB pages here whatever the architecture.
-            let end = entry.vaddr.saturating_add(entry.nr_pages << 12);
-            let mut covered = String::new();
-            while vmi < vmas.len() && vmas[vmi].start < end {
-                let vma = &vmas[vmi];
-                if previous == Some(vmi) {
-                    covered.push_str(" ~");
-                } else {
-                    let _ = write!(
-                        covered,
-                        " {:08x} / {:<8}",
-                        vma.start,
-                        (vma.end - vma.start) >> 12
-                    );
-                    if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
-                        let _ = write!(covered, " {}", names.regular(vma.shmid as u32));
-                    }
-                    previous = Some(vmi);
+/// Appends the `x rss` lines of one process, handing full buffers to `writer`.
+fn rss_task(
+    checkpoint: &Checkpoint,
+    names: &FileNames,
+    pid: u32,
+    out: &mut String,
+    writer: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let dir = checkpoint.dir();
+    let vmas = checkpoint.mm(pid)?.vmas;
+    let memory = checkpoint
+        .memory(pid)?
+        .with_context(|| format!("no pagemap-{}.img in {}", pid, dir.display()))?;
+    let _ = writeln!(out, "{}", pid);
+
+    let mut vmi = 0usize;
+    let mut previous: Option<usize> = None;
+    for entry in &memory.pagemap().entries {
+        // crit pads the "vaddr / pages" column to 24 characters, tab included.
+        let line_start = out.len();
+        out.push('\t');
+        push_hex(out, entry.vaddr, 0);
+        out.push_str(" / ");
+        push_left(out, itoa::Buffer::new().format(entry.nr_pages), 8);
+        let width = out.len() - line_start;
+        out.push_str(&SPACES[..24usize.saturating_sub(width)]);
+
+        while vmi < vmas.len() && vmas[vmi].end <= entry.vaddr {
+            vmi += 1;
+        }
+        // crit assumes 4 KiB pages here whatever the architecture.
+        let end = entry.vaddr.saturating_add(entry.nr_pages << 12);
+        while vmi < vmas.len() && vmas[vmi].start < end {
+            let vma = &vmas[vmi];
+            if previous == Some(vmi) {
+                out.push_str(" ~");
+            } else {
+                out.push(' ');
+                push_hex(out, vma.start, 8);
+                out.push_str(" / ");
+                let pages = (vma.end - vma.start) >> 12;
+                push_left(out, itoa::Buffer::new().format(pages), 8);
+                if vma.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
+                    let _ = write!(out, " {}", names.regular(vma.shmid as u32));
                 }
-                let _ = write!(covered, "\n\t{:23}", "");
-                vmi += 1;
+                previous = Some(vmi);
             }
-            vmi = vmi.saturating_sub(1);
-            let _ = writeln!(out, "{head:<24}{covered}");
+            out.push_str("\n\t");
+            out.push_str(&SPACES[..23]);
+            vmi += 1;
+        }
+        vmi = vmi.saturating_sub(1);
+        out.push('\n');
+        if out.len() >= 1 << 16 {
+            writer.write_all(out.as_bytes())?;
+            out.clear();
         }
     }
-    output::write_out(None, out.as_bytes())
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_matches_format() {
+        for (value, width) in [
+            (0u64, 0),
+            (0, 8),
+            (0x7f, 8),
+            (0x5611_bb90_6000, 8),
+            (u64::MAX, 0),
+        ] {
+            let mut out = String::new();
+            push_hex(&mut out, value, width);
+            assert_eq!(out, format!("{value:0width$x}"));
+        }
+    }
+
+    #[test]
+    fn left_padding_matches_format() {
+        let mut out = String::new();
+        push_left(&mut out, "12", 8);
+        push_left(&mut out, "123456789", 8);
+        assert_eq!(out, format!("{:<8}{:<8}", "12", "123456789"));
+    }
 }

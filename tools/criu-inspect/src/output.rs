@@ -4,6 +4,8 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
+use anyhow::Context as _;
+
 use criu_images::checkpoint::CheckpointError;
 use criu_images::image::ImageError;
 use criu_images::json::{DecodeError, EncodeError};
@@ -62,6 +64,29 @@ pub fn write_out(path: Option<&Path>, bytes: &[u8]) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs `write` with a buffered writer to the file at `path` (created or truncated), or to
+/// stdout; `write` is told which. Everything is flushed before returning.
+pub fn with_out(
+    path: Option<&Path>,
+    write: impl FnOnce(&mut dyn Write, bool) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    match path {
+        Some(path) => {
+            let context = || format!("cannot write {}", path.display());
+            let file = fs::File::create(path).with_context(context)?;
+            let mut writer = io::BufWriter::with_capacity(1 << 16, file);
+            write(&mut writer, false)?;
+            writer.flush().with_context(context)?;
+        }
+        None => {
+            let mut writer = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
+            write(&mut writer, true)?;
+            writer.flush()?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads the file at `path`, or stdin.
