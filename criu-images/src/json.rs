@@ -8,7 +8,8 @@
 //! Where crit is wrong, this module is right and says so here:
 //! - `ipcns-shm` entries with `in_pagemaps` set have no payload (the segment is in a shmem
 //!   pagemap); crit reads `size` bytes after them anyway and garbles the following entries.
-//!   Their JSON has no `extra` key.
+//!   Their `extra` is the empty string, which is also what crit prints for the last entry,
+//!   and `--nopl` reports `... <0B>` where crit reports the segment size.
 //! - `task_state` 3 is `Stopped` and 6 is `Zombie`, as the kernel and CRIU define them; crit
 //!   4.1.1 swaps the two names. JSON is read back with the correct names, so crit's JSON of a
 //!   stopped or zombie task encodes to the other state.
@@ -340,8 +341,13 @@ fn human_size(size: u64) -> String {
 
 fn write_payload(w: &mut JsonWriter, payload: &Payload<'_>) -> Result<(), WireError> {
     match payload {
-        // An ipcns-shm entry whose segment lives in a shmem pagemap.
-        Payload::None => return Ok(()),
+        // An ipcns-shm entry whose segment lives in a shmem pagemap has no inline payload.
+        // crit prints "" here for the last entry (it reads past the end of the file), so the
+        // empty string keeps single-segment images identical to crit's output.
+        Payload::None => {
+            w.key("extra");
+            w.string("");
+        }
         Payload::Bytes(bytes) | Payload::SharedMemory { data: bytes, .. } => {
             w.key("extra");
             w.string(&pyfmt::base64_lines(bytes));
