@@ -524,7 +524,7 @@ fn render(o: &Overview) -> String {
                 size(p.memory.present_bytes),
                 p.cmdline
                     .as_ref()
-                    .map_or_else(|| format!("[{}]", p.comm), |c| c.join(" ")),
+                    .map_or_else(|| format!("[{}]", p.comm), |c| one_line(&c.join(" "))),
             ]
         })
         .collect();
@@ -638,6 +638,19 @@ fn render(o: &Overview) -> String {
     out
 }
 
+/// Longest command shown in the process table; `--json` has it whole.
+const COMMAND_WIDTH: usize = 72;
+
+/// A command line fit for one table row: control characters escaped, long ones cut.
+fn one_line(text: &str) -> String {
+    let escaped: String = text.chars().flat_map(char::escape_debug).collect();
+    let escaped = escaped.replace("\\\"", "\"").replace("\\'", "'");
+    match escaped.char_indices().nth(COMMAND_WIDTH) {
+        Some((cut, _)) => format!("{}...", &escaped[..cut]),
+        None => escaped,
+    }
+}
+
 fn indent(out: &mut String, text: &str) {
     for line in text.lines() {
         let _ = writeln!(out, "  {line}");
@@ -655,4 +668,17 @@ pub fn run(dir: &Path, json: bool) -> anyhow::Result<()> {
         render(&overview)
     };
     output::write_out(None, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_fit_one_row() {
+        assert_eq!(one_line("sh -c 'a\nb'"), "sh -c 'a\\nb'");
+        assert_eq!(one_line("echo \"x\""), "echo \"x\"");
+        let long = "x".repeat(100);
+        assert_eq!(one_line(&long).len(), COMMAND_WIDTH + 3);
+    }
 }
