@@ -208,8 +208,10 @@ pub fn decode_to(
                     Ok(part.finish())
                 })
                 .collect::<Result<_, DecodeError>>()?;
+            w.flush_to(out).map_err(DecodeError::Write)?;
             for run in &runs {
-                w.append_continued(run);
+                out.write_all(run.as_bytes()).map_err(DecodeError::Write)?;
+                w.continued(!run.is_empty());
             }
         }
         w.flush_to(out).map_err(DecodeError::Write)?;
@@ -258,7 +260,8 @@ struct MessageCache {
 
 impl MessageCache {
     fn get(&mut self, name: &'static str) -> Result<&'static MessageSchema, DecodeError> {
-        if let Some(&(_, message)) = self.known.iter().find(|(n, _)| *n == name) {
+        // Names come from the layout tables, so the same name is the same pointer.
+        if let Some(&(_, message)) = self.known.iter().find(|(n, _)| std::ptr::eq(*n, name)) {
             return Ok(message);
         }
         let message = message_schema(name)?;
@@ -278,7 +281,7 @@ fn decode_entry(
     let malformed = |source| DecodeError::Malformed {
         index: entry.index,
         offset: entry.offset,
-        message: message.name.clone(),
+        message: message.name.to_owned(),
         source,
     };
     w.begin_object();
@@ -402,6 +405,9 @@ fn write_fields(
     pretty: bool,
     hex: bool,
 ) -> Result<(), WireError> {
+    if write_simple_fields(w, message, bytes, pretty, hex)? {
+        return Ok(());
+    }
     let mut found: Found<'_> = SmallVec::new();
     let mut sorted = true;
     for field in wire::fields(bytes) {
@@ -437,7 +443,7 @@ fn write_fields(
         if !schema.repeated {
             let wanted = wire_type_of(schema.ty);
             if let Some(&(_, value)) = group.iter().rev().find(|(_, v)| v.wire_type() == wanted) {
-                w.quoted_key(&schema.json_name);
+                w.quoted_key(schema.json_name);
                 write_value(w, schema, value, pretty, hex)?;
             }
             continue;
@@ -450,7 +456,7 @@ fn write_fields(
         if values.is_empty() {
             continue;
         }
-        w.quoted_key(&schema.json_name);
+        w.quoted_key(schema.json_name);
         w.begin_array();
         let address = (pretty && schema.criu.ipadd)
             .then(|| {
@@ -469,6 +475,43 @@ fn write_fields(
         w.end_array();
     }
     Ok(())
+}
+
+/// The fast path of [`write_fields`], for the common message whose fields are scalars that
+/// stand once each, in number order: they are written as they are read. On meeting anything
+/// else it takes back what it wrote and returns `false`.
+fn write_simple_fields(
+    w: &mut JsonWriter,
+    message: &MessageSchema,
+    bytes: &[u8],
+    pretty: bool,
+    hex: bool,
+) -> Result<bool, WireError> {
+    let mark = w.mark();
+    let mut next_position = 0;
+    for field in wire::fields(bytes) {
+        let field = field?;
+        let found = message.fields[next_position.min(message.fields.len())..]
+            .iter()
+            .position(|f| f.number == field.number);
+        let Some(offset) = found else {
+            w.rewind(mark);
+            return Ok(false);
+        };
+        let position = next_position + offset;
+        let schema = &message.fields[position];
+        let simple = !schema.repeated
+            && !matches!(schema.ty, FieldType::Message(_))
+            && field.value.wire_type() == wire_type_of(schema.ty);
+        if !simple {
+            w.rewind(mark);
+            return Ok(false);
+        }
+        w.quoted_key(schema.json_name);
+        write_value(w, schema, field.value, pretty, hex)?;
+        next_position = position + 1;
+    }
+    Ok(true)
 }
 
 fn wire_type_of(ty: FieldType) -> WireType {
@@ -551,7 +594,7 @@ fn write_value(
             write_fields(w, schema_message(index), bytes, pretty, hex)?;
             w.end_object();
         }
-        (FieldType::Bytes, Value::Bytes(bytes)) => match schema.criu.conv.as_deref() {
+        (FieldType::Bytes, Value::Bytes(bytes)) => match schema.criu.conv {
             Some("unix_name") => w.string(&pyfmt::quopri_encode(bytes)),
             _ => w.string(&pyfmt::base64_lines(bytes)),
         },
@@ -568,9 +611,8 @@ fn write_value(
         (FieldType::Float, v) => w.float(f64::from(f32::from_bits(scalar_bits(v) as u32))),
         (ty, v) => {
             let n = integer(ty, scalar_bits(v));
-            match pretty.then(|| render_integer(schema, n, hex)).flatten() {
-                Some(text) => w.string(&text),
-                None => w.int(n),
+            if !(pretty && write_pretty_integer(w, schema, n, hex)) {
+                w.int(n);
             }
         }
     }
@@ -581,10 +623,13 @@ fn schema_message(index: usize) -> &'static MessageSchema {
     &schema().messages[index]
 }
 
-/// `--pretty`'s rendering of an integer, or `None` to print it as a number.
-fn render_integer(schema: &FieldSchema, n: i128, hex: bool) -> Option<String> {
+/// Writes `--pretty`'s rendering of an integer as a string value, or returns `false` when
+/// it prints as a plain number. Every rendering is ASCII that needs no escaping, so it is
+/// written straight into the output.
+fn write_pretty_integer(w: &mut JsonWriter, schema: &FieldSchema, n: i128, hex: bool) -> bool {
     if hex {
-        return Some(hex_string(n));
+        w.plain_string(|out| push_hex(out, n));
+        return true;
     }
     if schema.criu.dev {
         let (major, minor) = if schema.criu.odev {
@@ -592,24 +637,42 @@ fn render_integer(schema: &FieldSchema, n: i128, hex: bool) -> Option<String> {
         } else {
             kernel_dev(n as u64)
         };
-        return Some(format!("{major}:{minor}"));
-    }
-    if let Some(table) = &schema.criu.flags {
-        return Some(match flag_table(table) {
-            Some(flags) => flag_names(n, flags),
-            None => hex_string(n),
+        w.plain_string(|out| {
+            let mut buffer = itoa::Buffer::new();
+            out.push_str(buffer.format(major));
+            out.push(':');
+            out.push_str(buffer.format(minor));
         });
+        return true;
     }
-    let dict = schema.criu.dict.as_deref()?;
-    dict_name(dict, &schema.name, n).map(str::to_owned)
+    if let Some(table) = schema.criu.flags {
+        match flag_table(table) {
+            Some(flags) => w.plain_string(|out| push_flag_names(out, n, flags)),
+            None => w.plain_string(|out| push_hex(out, n)),
+        }
+        return true;
+    }
+    match schema
+        .criu
+        .dict
+        .and_then(|dict| dict_name(dict, schema.name, n))
+    {
+        Some(name) => {
+            w.string(name);
+            true
+        }
+        None => false,
+    }
 }
 
-fn hex_string(n: i128) -> String {
-    if n < 0 {
-        format!("-0x{:x}", -n)
+/// Python's `"0x%x" % n`.
+fn push_hex(out: &mut String, n: i128) {
+    use std::fmt::Write as _;
+    let _ = if n < 0 {
+        write!(out, "-0x{:x}", -n)
     } else {
-        format!("0x{n:x}")
-    }
+        write!(out, "0x{n:x}")
+    };
 }
 
 /// The kernel's `dev_t` split: 12 bits of major above 20 bits of minor.
@@ -697,19 +760,35 @@ fn flag_table(name: &str) -> Option<&'static [(&'static str, u64)]> {
     }
 }
 
-fn flag_names(n: i128, table: &[(&str, u64)]) -> String {
+/// crit's `map_flags`: the names of the set bits in table order joined by `" | "`, leftover
+/// bits as one hex number, and the empty string for 0.
+fn push_flag_names(out: &mut String, n: i128, table: &[(&str, u64)]) {
     let value = n as u64;
-    let mut parts: Vec<String> = table
-        .iter()
-        .filter(|(_, bit)| value & bit != 0)
-        .map(|(name, _)| (*name).to_owned())
-        .collect();
+    let mut first = true;
+    let mut separator = |out: &mut String| {
+        if !std::mem::take(&mut first) {
+            out.push_str(" | ");
+        }
+    };
+    for (name, bit) in table {
+        if value & bit != 0 {
+            separator(out);
+            out.push_str(name);
+        }
+    }
     let known = table.iter().fold(0u64, |acc, (_, bit)| acc | bit);
     let rest = value & !known;
     if rest != 0 {
-        parts.push(format!("0x{rest:x}"));
+        separator(out);
+        push_hex(out, i128::from(rest));
     }
-    parts.join(" | ")
+}
+
+#[cfg(test)]
+fn flag_names(n: i128, table: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    push_flag_names(&mut out, n, table);
+    out
 }
 
 fn flags_value(text: &str, table: &[(&str, u64)]) -> Option<i128> {
@@ -981,8 +1060,8 @@ fn encode_fields(
     fields: &Map<String, Json>,
     path: &str,
 ) -> Result<(), EncodeError> {
-    for field in &message.fields {
-        let Some(value) = fields.get(&field.name) else {
+    for field in message.fields {
+        let Some(value) = fields.get(field.name) else {
             continue;
         };
         let field_path = format!("{path}.{}", field.name);
@@ -1062,7 +1141,7 @@ fn encode_value(
             let bytes = match (field.ty, value) {
                 (FieldType::String, Json::String(s)) => s.as_bytes().to_vec(),
                 (FieldType::String, other) => other.to_string().into_bytes(),
-                (_, Json::String(s)) if field.criu.conv.as_deref() == Some("unix_name") => {
+                (_, Json::String(s)) if field.criu.conv == Some("unix_name") => {
                     pyfmt::quopri_decode(s)
                 }
                 (_, v) => base64_of(v, path)?,
@@ -1123,7 +1202,7 @@ fn integer_bits(field: &FieldSchema, value: &Json, path: &str) -> Result<u64, En
                     .ok_or_else(|| EncodeError::UnknownEnum {
                         path: path.to_owned(),
                         name: name.clone(),
-                        enum_name: enum_schema.name.clone(),
+                        enum_name: enum_schema.name.to_owned(),
                     })?
             }
             Json::Number(n) => n
@@ -1184,11 +1263,11 @@ fn string_integer(field: &FieldSchema, text: &str) -> Option<i128> {
         };
         return Some(i128::from(dev));
     }
-    if let Some(table) = field.criu.flags.as_deref().and_then(flag_table) {
+    if let Some(table) = field.criu.flags.and_then(flag_table) {
         return flags_value(text, table);
     }
-    if let Some(dict) = &field.criu.dict {
-        if let Some((n, _)) = dict_table(dict, &field.name)?
+    if let Some(dict) = field.criu.dict {
+        if let Some((n, _)) = dict_table(dict, field.name)?
             .iter()
             .find(|(_, name)| *name == text)
         {

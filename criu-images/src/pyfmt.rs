@@ -55,6 +55,27 @@ impl JsonWriter {
         }
     }
 
+    /// Where the writer stands, to come back to with [`JsonWriter::rewind`].
+    pub fn mark(&self) -> Mark {
+        Mark {
+            len: self.out.len(),
+            depth: self.stack.len(),
+            has_items: self.has_items(),
+            after_key: self.after_key,
+        }
+    }
+
+    /// Drops everything written since `mark`, which must have been taken at the current
+    /// nesting depth with no container opened since.
+    pub fn rewind(&mut self, mark: Mark) {
+        self.out.truncate(mark.len);
+        self.stack.truncate(mark.depth);
+        if let Some(has_items) = self.stack.last_mut() {
+            *has_items = mark.has_items;
+        }
+        self.after_key = mark.after_key;
+    }
+
     /// Whether the innermost open container has had an item yet.
     pub fn has_items(&self) -> bool {
         self.stack.last().copied().unwrap_or(false)
@@ -71,14 +92,10 @@ impl JsonWriter {
         Ok(())
     }
 
-    /// Appends text another writer produced with [`JsonWriter::continuing`] from this one's
-    /// state, and takes on that the innermost container now has items.
-    pub fn append_continued(&mut self, text: &str) {
-        if text.is_empty() {
-            return;
-        }
-        self.out.push_str(text);
-        if let Some(has_items) = self.stack.last_mut() {
+    /// Takes on that text another writer produced with [`JsonWriter::continuing`] was
+    /// written out after this one's: when it had items, the innermost container now has.
+    pub fn continued(&mut self, wrote_items: bool) {
+        if let (true, Some(has_items)) = (wrote_items, self.stack.last_mut()) {
             *has_items = true;
         }
     }
@@ -89,9 +106,13 @@ impl JsonWriter {
     }
 
     fn newline(&mut self, depth: usize) {
+        const INDENT: &str = "                                                                ";
         self.out.push('\n');
-        for _ in 0..depth {
-            self.out.push_str("    ");
+        let mut width = depth * 4;
+        while width > 0 {
+            let step = width.min(INDENT.len());
+            self.out.push_str(&INDENT[..step]);
+            width -= step;
         }
     }
 
@@ -169,6 +190,15 @@ impl JsonWriter {
         self.after_key = true;
     }
 
+    /// Writes a string value produced by `write`, which must append only printable ASCII
+    /// other than `"` and `\\` (it is not escaped).
+    pub fn plain_string(&mut self, write: impl FnOnce(&mut String)) {
+        self.item();
+        self.out.push('"');
+        write(&mut self.out);
+        self.out.push('"');
+    }
+
     /// Writes a string value.
     pub fn string(&mut self, value: &str) {
         self.item();
@@ -199,6 +229,15 @@ impl JsonWriter {
         self.item();
         let _ = write!(self.out, "{}", python_float(value));
     }
+}
+
+/// A position in a [`JsonWriter`]'s output.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    len: usize,
+    depth: usize,
+    has_items: bool,
+    after_key: bool,
 }
 
 /// `repr()` of a Python float, close enough for the values images hold.
