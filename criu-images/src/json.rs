@@ -178,6 +178,8 @@ pub fn decode_to(
     let mut entries = image.entries()?;
     let mut batch: Vec<Entry<'_>> = Vec::new();
     let mut schemas = MessageCache::default();
+    // One text buffer per thread, kept across batches.
+    let mut buffers: Vec<String> = Vec::new();
     loop {
         batch.clear();
         for entry in entries.by_ref().take(BATCH_ENTRIES) {
@@ -193,13 +195,16 @@ pub fn decode_to(
                 decode_entry(&mut w, entry, message, layout, options)?;
             }
         } else {
-            let run_len = batch.len().div_ceil(rayon::current_num_threads().max(1));
+            let threads = rayon::current_num_threads().max(1);
+            buffers.resize_with(threads, String::new);
+            let run_len = batch.len().div_ceil(threads);
             let started = w.has_items();
-            let runs: Vec<String> = batch
+            let rendered: Vec<Result<String, DecodeError>> = batch
                 .par_chunks(run_len)
+                .zip(buffers.par_drain(..))
                 .enumerate()
-                .map(|(i, run)| {
-                    let mut part = JsonWriter::continuing(pretty, &[true, started || i > 0], 0);
+                .map(|(i, (run, buffer))| {
+                    let mut part = JsonWriter::continuing(pretty, &[true, started || i > 0], buffer);
                     let mut schemas = MessageCache::default();
                     for entry in run {
                         let message = schemas.get(entry.message_type)?;
@@ -207,11 +212,13 @@ pub fn decode_to(
                     }
                     Ok(part.finish())
                 })
-                .collect::<Result<_, DecodeError>>()?;
+                .collect();
             w.flush_to(out).map_err(DecodeError::Write)?;
-            for run in &runs {
+            for run in rendered {
+                let run = run?;
                 out.write_all(run.as_bytes()).map_err(DecodeError::Write)?;
                 w.continued(!run.is_empty());
+                buffers.push(run);
             }
         }
         w.flush_to(out).map_err(DecodeError::Write)?;

@@ -45,14 +45,11 @@ impl JsonWriter {
 
     /// A writer that continues a document elsewhere: `open` lists, outermost first, the
     /// containers already open and whether each has had an item, so the items written here
-    /// can be appended to the other writer's text.
-    pub fn continuing(pretty: bool, open: &[bool], capacity: usize) -> Self {
-        JsonWriter {
-            out: String::with_capacity(capacity),
-            pretty,
-            stack: open.to_vec(),
-            after_key: false,
-        }
+    /// can be written out after the other writer's text. It writes into `buffer`, cleared,
+    /// so that one allocation serves many runs.
+    pub fn continuing(pretty: bool, open: &[bool], mut buffer: String) -> Self {
+        buffer.clear();
+        JsonWriter { out: buffer, pretty, stack: open.to_vec(), after_key: false }
     }
 
     /// Where the writer stands, to come back to with [`JsonWriter::rewind`].

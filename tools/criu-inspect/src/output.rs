@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::AsFd as _;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -81,7 +82,12 @@ pub fn with_out(
             writer.flush().with_context(context)?;
         }
         None => {
-            let mut writer = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
+            // A duplicate of fd 1 as a plain file: std's stdout is line-buffered and scans
+            // every write for newlines, which large outputs pay for.
+            let stdout = io::stdout();
+            stdout.lock().flush()?;
+            let file = fs::File::from(stdout.as_fd().try_clone_to_owned()?);
+            let mut writer = io::BufWriter::with_capacity(1 << 16, file);
             write(&mut writer, true)?;
             writer.flush()?;
         }
