@@ -5,6 +5,8 @@
  *                             page is its own pagemap entry (PAGES / 2 entries)
  *   hold dense MIB READY      map MIB MiB and fill all of it with varying non-zero words, so
  *                             that the pagemap holds a few large entries
+ *   hold mappings N READY     make N one-page mappings (alternately read-only and writable,
+ *                             so the kernel cannot merge them), each written once
  *
  * Once the memory is written, the program writes its pid to READY (through a temporary name
  * and rename, so a reader never sees half a file) and sleeps until killed.
@@ -57,6 +59,18 @@ static void fill_dense(size_t mib)
 	}
 }
 
+static void split_mappings(size_t count, size_t page)
+{
+	unsigned char *mem = map(count * page);
+
+	for (size_t i = 0; i < count; i++)
+		mem[i * page] = (unsigned char)(i % 255 + 1);
+	/* Every other page read-only: neighbours differ in protection, so each is its own VMA. */
+	for (size_t i = 0; i < count; i += 2)
+		if (mprotect(mem + i * page, page, PROT_READ) != 0)
+			die("mprotect");
+}
+
 static void report_ready(const char *path)
 {
 	char tmp[4096];
@@ -78,7 +92,7 @@ int main(int argc, char **argv)
 	size_t count;
 
 	if (argc != 4) {
-		fprintf(stderr, "usage: hold sparse PAGES READY | hold dense MIB READY\n");
+		fprintf(stderr, "usage: hold sparse|dense|mappings COUNT READY\n");
 		return 2;
 	}
 	count = strtoull(argv[2], NULL, 10);
@@ -91,6 +105,8 @@ int main(int argc, char **argv)
 		touch_sparse(count, (size_t)sysconf(_SC_PAGESIZE));
 	else if (strcmp(argv[1], "dense") == 0)
 		fill_dense(count);
+	else if (strcmp(argv[1], "mappings") == 0)
+		split_mappings(count, (size_t)sysconf(_SC_PAGESIZE));
 	else {
 		fprintf(stderr, "hold: unknown layout %s\n", argv[1]);
 		return 2;

@@ -204,7 +204,8 @@ pub fn decode_to(
                 .zip(buffers.par_drain(..))
                 .enumerate()
                 .map(|(i, (run, buffer))| {
-                    let mut part = JsonWriter::continuing(pretty, &[true, started || i > 0], buffer);
+                    let mut part =
+                        JsonWriter::continuing(pretty, &[true, started || i > 0], buffer);
                     let mut schemas = MessageCache::default();
                     for entry in run {
                         let message = schemas.get(entry.message_type)?;

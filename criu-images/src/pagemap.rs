@@ -210,8 +210,9 @@ impl Pagemap {
                 field: "pages_id",
             })? as u32;
 
-        // CRIU sizes its own array by this estimate; it bounds the allocation by the file size.
-        let mut entries = Vec::with_capacity(data.len() / 16 + 1);
+        // An entry takes at least ten bytes (a size word and three one-byte fields), so this
+        // is room for all of them in one allocation, bounded by the file size.
+        let mut entries = Vec::with_capacity(data.len() / 10 + 1);
         let mut offset = 0u64;
         let mut previous_end = 0u64;
         for entry in entries_iter {

@@ -49,7 +49,12 @@ impl JsonWriter {
     /// so that one allocation serves many runs.
     pub fn continuing(pretty: bool, open: &[bool], mut buffer: String) -> Self {
         buffer.clear();
-        JsonWriter { out: buffer, pretty, stack: open.to_vec(), after_key: false }
+        JsonWriter {
+            out: buffer,
+            pretty,
+            stack: open.to_vec(),
+            after_key: false,
+        }
     }
 
     /// Where the writer stands, to come back to with [`JsonWriter::rewind`].

@@ -142,63 +142,83 @@ pub fn fds(dir: &Path) -> anyhow::Result<()> {
 pub fn mems(dir: &Path) -> anyhow::Result<()> {
     let checkpoint = open(dir)?;
     let names = FileNames::load(&checkpoint)?;
+    let tree = checkpoint.pstree()?;
     // crit numbers shared objects in order of first appearance across all processes.
     let mut object_ids: HashMap<u64, usize> = HashMap::new();
-    let mut out = String::new();
-    for task in checkpoint.pstree()? {
-        let mm = checkpoint.mm(task.pid)?;
-        let _ = writeln!(out, "{}", task.pid);
-        let _ = writeln!(out, "\t{:<36}    {}", "exe", names.regular(mm.exe_file_id));
-        for vma in &mm.vmas {
-            let mut object = |shmid: u64| {
-                let next = object_ids.len() + 1;
-                *object_ids.entry(shmid).or_insert(next)
-            };
-            let status = vma.status;
-            let mut name = if status & VMA_AREA_SYSVIPC != 0 {
-                format!(" ips[{:x}]", object(vma.shmid))
-            } else if status & VMA_ANON_SHARED != 0 {
-                format!(" shmem[{:x}]", object(vma.shmid))
-            } else if status & VMA_AREA_SOCKET != 0 {
-                format!(" packet[{:x}]", object(vma.shmid))
-            } else if status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
-                let mut name = format!(" {}", names.regular(vma.shmid as u32));
-                if vma.pgoff != 0 {
-                    let _ = write!(name, " + {:#x}", vma.pgoff);
+    output::with_out(None, |writer, _| {
+        let mut out = String::with_capacity(1 << 17);
+        for task in &tree {
+            let mm = checkpoint.mm(task.pid)?;
+            let _ = writeln!(out, "{}", task.pid);
+            let _ = writeln!(out, "\t{:<36}    {}", "exe", names.regular(mm.exe_file_id));
+            for vma in &mm.vmas {
+                mems_line(&mut out, vma, &names, &mut object_ids);
+                if out.len() >= 1 << 16 {
+                    writer.write_all(out.as_bytes())?;
+                    out.clear();
                 }
-                if status & VMA_FILE_SHARED != 0 {
-                    name.push_str(" (s)");
-                }
-                name
-            } else if status & VMA_AREA_STACK != 0 {
-                " [stack]".to_owned()
-            } else if status & VMA_AREA_VSYSCALL != 0 {
-                " [vsyscall]".to_owned()
-            } else if status & VMA_AREA_VDSO != 0 {
-                " [vdso]".to_owned()
-            } else if vma.flags & MAP_GROWSDOWN != 0 {
-                " [stack?]".to_owned()
-            } else {
-                String::new()
-            };
-            if status & VMA_AREA_REGULAR == 0 {
-                name.push_str(" *");
             }
-            let range = format!("{:08x}-{:08x}", vma.start, vma.end);
-            let _ = writeln!(out, "\t{range:<36}{}{name}", prot_string(vma.prot));
         }
+        writer.write_all(out.as_bytes())?;
+        Ok(())
+    })
+}
+
+/// Appends crit's line for one mapping: range, protection, and what is mapped.
+fn mems_line(
+    out: &mut String,
+    vma: &pb::VmaEntry,
+    names: &FileNames,
+    object_ids: &mut HashMap<u64, usize>,
+) {
+    let mut object = |shmid: u64| {
+        let next = object_ids.len() + 1;
+        *object_ids.entry(shmid).or_insert(next)
+    };
+
+    let line_start = out.len();
+    out.push('\t');
+    push_hex(out, vma.start, 8);
+    out.push('-');
+    push_hex(out, vma.end, 8);
+    let width = out.len() - line_start - 1;
+    out.push_str(&SPACES[..36usize.saturating_sub(width).min(SPACES.len())]);
+    for (bit, c) in [(1, 'r'), (2, 'w'), (4, 'x')] {
+        out.push(if vma.prot & bit != 0 { c } else { '-' });
     }
-    output::write_out(None, out.as_bytes())
+
+    let status = vma.status;
+    if status & VMA_AREA_SYSVIPC != 0 {
+        let _ = write!(out, " ips[{:x}]", object(vma.shmid));
+    } else if status & VMA_ANON_SHARED != 0 {
+        let _ = write!(out, " shmem[{:x}]", object(vma.shmid));
+    } else if status & VMA_AREA_SOCKET != 0 {
+        let _ = write!(out, " packet[{:x}]", object(vma.shmid));
+    } else if status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) != 0 {
+        out.push(' ');
+        out.push_str(&names.regular(vma.shmid as u32));
+        if vma.pgoff != 0 {
+            let _ = write!(out, " + {:#x}", vma.pgoff);
+        }
+        if status & VMA_FILE_SHARED != 0 {
+            out.push_str(" (s)");
+        }
+    } else if status & VMA_AREA_STACK != 0 {
+        out.push_str(" [stack]");
+    } else if status & VMA_AREA_VSYSCALL != 0 {
+        out.push_str(" [vsyscall]");
+    } else if status & VMA_AREA_VDSO != 0 {
+        out.push_str(" [vdso]");
+    } else if vma.flags & MAP_GROWSDOWN != 0 {
+        out.push_str(" [stack?]");
+    }
+    if status & VMA_AREA_REGULAR == 0 {
+        out.push_str(" *");
+    }
+    out.push('\n');
 }
 
-fn prot_string(prot: u32) -> String {
-    [(1, 'r'), (2, 'w'), (4, 'x')]
-        .iter()
-        .map(|&(bit, c)| if prot & bit != 0 { c } else { '-' })
-        .collect()
-}
-
-const SPACES: &str = "                        ";
+const SPACES: &str = "                                        ";
 
 /// Appends `text` left-aligned in `width` columns (formatting machinery pads a character at a
 /// time, which dominated this listing).
