@@ -1,20 +1,14 @@
 //! The command line's contract: exit codes, error messages and broken pipes.
 
+mod common;
+
 use std::fs;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 fn fixture() -> PathBuf {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&fixtures)
-        .expect("fixtures folder")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("inventory.img").is_file())
-        .collect();
-    dirs.sort();
-    dirs.remove(0)
+    common::checkpoints().remove(0)
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {

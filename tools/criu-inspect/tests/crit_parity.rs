@@ -2,40 +2,17 @@
 //! and the four `x` listings must print exactly what crit prints. Skipped, with the reason
 //! printed, only where crit is not installed; CI installs it with `tools/install-deps`.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn checkpoints() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = fs::read_dir(fixtures())
-        .expect("fixtures folder")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("inventory.img").is_file())
-        .collect();
-    dirs.sort();
-    dirs
-}
+use common::checkpoints;
+use criu_images::kind::RawKind;
 
 fn is_raw(name: &str) -> bool {
-    [
-        "pages-",
-        "tmpfs-",
-        "ifaddr-",
-        "route",
-        "rule-",
-        "iptables-",
-        "ip6tables-",
-        "nftables-",
-        "netns-ct-",
-        "netns-exp-",
-    ]
-    .iter()
-    .any(|p| name.starts_with(p))
+    RawKind::from_file_name(name).is_some()
 }
 
 fn crit_available() -> bool {
