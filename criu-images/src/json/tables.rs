@@ -124,6 +124,7 @@ pub(super) fn push_flag_names(out: &mut String, n: i128, table: &[(&str, u64)]) 
     }
 }
 
+/// [`push_flag_names`] into a new string.
 #[cfg(test)]
 fn flag_names(n: i128, table: &[(&str, u64)]) -> String {
     let mut out = String::new();
@@ -131,6 +132,8 @@ fn flag_names(n: i128, table: &[(&str, u64)]) -> String {
     out
 }
 
+/// crit's `unmap_flags`: the value of `"A | B | 0x10"`, names and literals alike; the empty
+/// string is 0.
 pub(super) fn flags_value(text: &str, table: &[(&str, u64)]) -> Option<i128> {
     if text.is_empty() {
         return Some(0);
@@ -188,6 +191,7 @@ pub(super) fn dict_table(dict: &str, field: &str) -> Option<&'static [(i128, &'s
     }
 }
 
+/// The name a value-to-name table gives `n`, if any.
 pub(super) fn dict_name(dict: &str, field: &str, n: i128) -> Option<&'static str> {
     dict_table(dict, field)?
         .iter()
