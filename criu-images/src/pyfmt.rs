@@ -256,7 +256,8 @@ fn python_float(value: f64) -> String {
 }
 
 /// Appends `value` as a JSON string with Python's `ensure_ascii` escaping: everything outside
-/// printable ASCII becomes `\uXXXX` (astral characters as surrogate pairs).
+/// printable ASCII becomes a `\u` escape of four hex digits (astral characters as surrogate
+/// pairs).
 pub fn write_json_string(out: &mut String, value: &str) {
     out.push('"');
     // Most strings (field names, flag names, paths) need no escaping at all.
