@@ -2,8 +2,9 @@
 //!
 //! Only the command line exists so far: every option of `runc restore` (and the additions
 //! `--root`, `--criu`, `--log`, `--log-format`, `--debug`) is parsed and checked, and the
-//! command then stops with exit code 2 saying the restore itself is not implemented. The
-//! restore through CRIU's RPC protocol is the next piece of work.
+//! command then stops with exit code 2 saying the restore itself is not implemented. The CRIU
+//! RPC client it will drive is in this crate's library (`restore::rpc`); the container setup
+//! around it is the next piece of work.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
