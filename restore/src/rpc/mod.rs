@@ -597,10 +597,7 @@ impl Session {
     }
 
     fn exited(&mut self) -> RpcError {
-        let status = self
-            .child
-            .wait()
-            .map_or_else(|e| e.to_string(), describe);
+        let status = self.child.wait().map_or_else(|e| e.to_string(), describe);
         RpcError::Exited {
             status,
             log: self.log.as_deref().and_then(LogExcerpt::read),
