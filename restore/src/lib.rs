@@ -1,6 +1,9 @@
-//! Restoring containers with CRIU.
+//! Restoring runc containers with CRIU.
 //!
-//! So far this holds the CRIU RPC client ([`rpc`]): the `restore` command's container setup
-//! (bundle, namespaces, cgroups, stdio, lifecycle) is still to be built on top of it.
+//! [`rpc`] drives CRIU over its RPC protocol; [`container`] sets a runc container up around
+//! it (bundle, mounts, namespaces, cgroups, stdio, console) and records its state;
+//! [`lifecycle`] keeps a foreground container company until it exits.
 
+pub mod container;
+pub mod lifecycle;
 pub mod rpc;

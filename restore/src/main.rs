@@ -1,19 +1,29 @@
 //! `restore`: restores a runc container from a CRIU checkpoint, with `runc restore`'s options.
 //!
-//! Only the command line exists so far: every option of `runc restore` (and the additions
-//! `--root`, `--criu`, `--log`, `--log-format`, `--debug`) is parsed and checked, and the
-//! command then stops with exit code 2 saying the restore itself is not implemented. The CRIU
-//! RPC client it will drive is in this crate's library (`restore::rpc`); the container setup
-//! around it is the next piece of work.
+//! Every option of `runc restore` is parsed (plus `--root`, `--criu`, `--log`, `--log-format`
+//! and `--debug`), and the container is restored through CRIU's RPC protocol by the crate's
+//! library.
+//!
+//! Exit codes: a detached restore exits 0 once the container runs; in the foreground the
+//! command exits with the container's status (128 plus the signal when it was killed); 1 means
+//! the restore failed (and nothing of it is left behind); 2 is a usage error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use restore::container::{self, Options};
+use restore::lifecycle;
 
 /// Restore a container from a previous `runc checkpoint`.
 #[derive(Debug, Parser)]
-#[command(name = "restore", version, about, max_term_width = 100)]
+#[command(
+    name = "restore",
+    version,
+    about,
+    max_term_width = 100,
+    args_override_self = true
+)]
 struct Cli {
     /// Path to an AF_UNIX socket which will receive a file descriptor referencing the master
     /// end of the console's pseudoterminal.
@@ -142,16 +152,62 @@ fn usage_error(error: &clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+fn options(cli: &Cli) -> anyhow::Result<Options> {
+    let cwd = std::env::current_dir()?;
+    Ok(Options {
+        id: cli.container_id.clone(),
+        bundle: cli.bundle.clone().unwrap_or_else(|| cwd.clone()),
+        image_path: cli
+            .image_path
+            .clone()
+            .unwrap_or_else(|| cwd.join("checkpoint")),
+        work_path: cli.work_path.clone(),
+        root: cli.root.clone(),
+        criu: cli.criu.clone(),
+        detach: cli.detach,
+        pid_file: cli.pid_file.clone(),
+        console_socket: cli.console_socket.clone(),
+        tcp_established: cli.tcp_established,
+        ext_unix_sk: cli.ext_unix_sk,
+        shell_job: cli.shell_job,
+        file_locks: cli.file_locks,
+        cgroups_mode: match cli.manage_cgroups_mode {
+            CgroupsMode::Soft => container::CgroupsMode::Soft,
+            CgroupsMode::Full => container::CgroupsMode::Full,
+            CgroupsMode::Strict => container::CgroupsMode::Strict,
+            CgroupsMode::Ignore => container::CgroupsMode::Ignore,
+        },
+        empty_network: !cli.empty_ns.is_empty(),
+        auto_dedup: cli.auto_dedup,
+        lazy_pages: cli.lazy_pages,
+        lsm_profile: cli.lsm_profile.clone(),
+        lsm_mount_context: cli.lsm_mount_context.clone(),
+    })
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
-    // Not yet handled: the restore itself, because the CRIU RPC client and the container
-    // setup are still to be written; the parsed options are shown so callers can check them.
-    eprintln!(
-        "restore: restoring {:?} is not implemented yet (options parsed: {cli:?})",
-        cli.container_id
-    );
-    ExitCode::from(2)
+    let options = match options(&cli) {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("restore: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if !cli.no_subreaper
+        && let Err(error) = lifecycle::become_subreaper()
+    {
+        eprintln!("restore: warning: cannot become a subreaper: {error}");
+    }
+    match container::restore(&options) {
+        // Exit statuses are 0 to 255; anything else is reported as 255.
+        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(255)),
+        Err(error) => {
+            eprintln!("restore: {:#}", anyhow::Error::new(error));
+            ExitCode::from(1)
+        }
+    }
 }

@@ -160,6 +160,7 @@ fn restores_a_dumped_process_through_rpc() {
             rst_sibling: Some(true),
             ..Default::default()
         },
+        inherit_stdio: false,
     };
     let mut recorder = Recorder::default();
     let restored = criu
@@ -191,6 +192,7 @@ fn a_failed_restore_reports_criu_message_and_log() {
         log_file: "restore.log".into(),
         log_level: 4,
         opts: CriuOpts::default(),
+        inherit_stdio: false,
     };
     let error = criu
         .restore(&request, &mut AcknowledgeAll)
@@ -225,6 +227,7 @@ fn an_unopenable_images_dir_fails_before_criu_runs() {
         log_file: "restore.log".into(),
         log_level: 4,
         opts: CriuOpts::default(),
+        inherit_stdio: false,
     };
     let error = criu
         .restore(&request, &mut AcknowledgeAll)

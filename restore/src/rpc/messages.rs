@@ -229,6 +229,9 @@ pub struct CriuOpts {
     /// Restore established TCP connections.
     #[prost(bool, optional, tag = "5")]
     pub tcp_established: Option<bool>,
+    /// Allow device files that moved (runc always sets it).
+    #[prost(bool, optional, tag = "6")]
+    pub evasive_devices: Option<bool>,
     /// Restore a shell job.
     #[prost(bool, optional, tag = "7")]
     pub shell_job: Option<bool>,

@@ -265,6 +265,17 @@ pub struct Notification<'a> {
 
 /// Acts on CRIU's notifications. CRIU waits until each returns; an error aborts the action.
 pub trait NotifyHandler {
+    /// Called once CRIU runs and before it is sent the request, with CRIU's pid: the moment
+    /// to put CRIU into the cgroups the restored tasks must start in.
+    ///
+    /// # Errors
+    ///
+    /// Whatever stops the action before it starts.
+    fn started(&mut self, criu_pid: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let _ = criu_pid;
+        Ok(())
+    }
+
     /// Handles one notification.
     ///
     /// # Errors
@@ -302,6 +313,9 @@ pub struct RestoreRequest {
     pub log_level: i32,
     /// Every other option; the directory descriptors and the log settings are filled in.
     pub opts: CriuOpts,
+    /// Give CRIU this process's stdin, stdout and stderr (the restored tasks' inherited
+    /// descriptors are CRIU's); otherwise CRIU gets `/dev/null` for stdin and stdout.
+    pub inherit_stdio: bool,
 }
 
 /// A successful restore.
@@ -335,7 +349,7 @@ impl Criu {
         &self.path
     }
 
-    fn start(&self, log: Option<PathBuf>) -> Result<Session, RpcError> {
+    fn start(&self, log: Option<PathBuf>, inherit_stdio: bool) -> Result<Session, RpcError> {
         let socket_error = |doing| move |source| RpcError::Socket { doing, source };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -348,16 +362,15 @@ impl Criu {
         fcntl(theirs.as_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
             .map_err(socket_error("passing the socket to CRIU"))?;
 
-        let child = Command::new(&self.path)
-            .arg("swrk")
-            .arg(theirs.as_raw_fd().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|source| RpcError::Spawn {
-                path: self.path.clone(),
-                source,
-            })?;
+        let mut command = Command::new(&self.path);
+        command.arg("swrk").arg(theirs.as_raw_fd().to_string());
+        if !inherit_stdio {
+            command.stdin(Stdio::null()).stdout(Stdio::null());
+        }
+        let child = command.spawn().map_err(|source| RpcError::Spawn {
+            path: self.path.clone(),
+            source,
+        })?;
         // Our copy of CRIU's end is closed, so CRIU dying shows up as end of file here.
         drop(theirs);
         Ok(Session {
@@ -373,7 +386,7 @@ impl Criu {
     ///
     /// CRIU missing or failing.
     pub fn version(&self) -> Result<Version, RpcError> {
-        let mut session = self.start(None)?;
+        let mut session = self.start(None, false)?;
         let req = CriuReq {
             r#type: ReqType::Version as i32,
             ..Default::default()
@@ -417,7 +430,7 @@ impl Criu {
     ///
     /// CRIU missing or failing.
     pub fn check_features(&self, features: CriuFeatures) -> Result<CriuFeatures, RpcError> {
-        let mut session = self.start(None)?;
+        let mut session = self.start(None, false)?;
         let req = CriuReq {
             r#type: ReqType::FeatureCheck as i32,
             features: Some(features),
@@ -459,7 +472,16 @@ impl Criu {
         opts.log_level = Some(request.log_level);
         opts.notify_scripts = Some(true);
 
-        let mut session = self.start(Some(work_path.join(&request.log_file)))?;
+        let mut session = self.start(
+            Some(work_path.join(&request.log_file)),
+            request.inherit_stdio,
+        )?;
+        if let Err(source) = handler.started(session.child.id()) {
+            return Err(RpcError::Handler {
+                script: "start".into(),
+                source,
+            });
+        }
         let req = CriuReq {
             r#type: ReqType::Restore as i32,
             opts: Some(opts),
@@ -616,7 +638,10 @@ fn describe(status: ExitStatus) -> String {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // CRIU exits after its answer; closing the socket ends a CRIU that is still waiting.
+        // CRIU exits after its answer. One still waiting for a request (the session ended
+        // early) sees end of file once the socket is shut down, and exits too.
+        let _ =
+            nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let _ = self.child.wait();
     }
 }

@@ -1,0 +1,803 @@
+//! Restoring a runc container: the bundle, mounts, namespaces, cgroups, stdio and console
+//! around CRIU's own restore, and the state left for the restored container.
+//!
+//! The steps follow `runc restore` (see each function) and undo themselves on failure: a
+//! [`Cleanup`] records what was created (state directory, the CRIU root mount, cgroups, the
+//! restored process) and takes it back unless the restore completes.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, IoSlice, Write as _};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::rpc::messages::{CgMode, CgroupRoot, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
+use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError};
+
+/// `CLONE_NEWNET`, the one namespace `--empty-ns` accepts.
+const CLONE_NEWNET: u32 = 0x4000_0000;
+
+/// Why a container could not be restored.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    /// The container id is not one runc accepts.
+    #[error(
+        "invalid container id {0:?}: use letters, digits, '_', '+', '-' and '.', and not '.' or '..'"
+    )]
+    InvalidId(String),
+    /// A container with this id exists (or is being restored).
+    #[error("container {id} already exists (state in {dir})")]
+    Exists {
+        /// The id.
+        id: String,
+        /// Its state directory.
+        dir: PathBuf,
+    },
+    /// The bundle's config.json is missing or invalid.
+    #[error("cannot load the bundle's config {path}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    /// The config lacks something a restore needs.
+    #[error("bundle config {path}: {problem}")]
+    BadConfig {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The images directory has no checkpoint.
+    #[error("{dir} holds no checkpoint (no inventory.img): check --image-path")]
+    NoCheckpoint {
+        /// The images directory.
+        dir: PathBuf,
+    },
+    /// runc's `descriptors.json` is missing or malformed.
+    #[error("cannot read {path}: a runc checkpoint records the container's stdio there")]
+    Descriptors {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A file system step failed.
+    #[error("cannot {doing} {path}")]
+    Io {
+        /// What was being done.
+        doing: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A system call failed.
+    #[error("cannot {doing} {path}")]
+    Sys {
+        /// What was being done.
+        doing: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The console socket could not be reached.
+    #[error("cannot connect to the console socket {path}")]
+    ConsoleSocket {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// CRIU failed.
+    #[error(transparent)]
+    Criu(#[from] RpcError),
+}
+
+/// How CRIU manages the container's cgroups (`--manage-cgroups-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupsMode {
+    /// Restore properties only where CRIU creates the cgroup.
+    Soft,
+    /// Restore every property.
+    Full,
+    /// Fail when cgroups differ.
+    Strict,
+    /// Leave cgroups alone.
+    Ignore,
+}
+
+/// Everything `restore` was asked, as runc's flags say it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The container id.
+    pub id: String,
+    /// The bundle (config.json and rootfs).
+    pub bundle: PathBuf,
+    /// The images directory.
+    pub image_path: PathBuf,
+    /// CRIU's work directory (logs); the images directory when `None`.
+    pub work_path: Option<PathBuf>,
+    /// State directory root.
+    pub root: PathBuf,
+    /// The CRIU binary.
+    pub criu: PathBuf,
+    /// Return once the container runs.
+    pub detach: bool,
+    /// Where to write the restored init's host pid.
+    pub pid_file: Option<PathBuf>,
+    /// Where to send the console master of a terminal container.
+    pub console_socket: Option<PathBuf>,
+    /// `--tcp-established`.
+    pub tcp_established: bool,
+    /// `--ext-unix-sk`.
+    pub ext_unix_sk: bool,
+    /// `--shell-job`.
+    pub shell_job: bool,
+    /// `--file-locks`.
+    pub file_locks: bool,
+    /// `--manage-cgroups-mode`.
+    pub cgroups_mode: CgroupsMode,
+    /// `--empty-ns network`.
+    pub empty_network: bool,
+    /// `--auto-dedup`.
+    pub auto_dedup: bool,
+    /// `--lazy-pages`.
+    pub lazy_pages: bool,
+    /// `--lsm-profile`.
+    pub lsm_profile: Option<String>,
+    /// `--lsm-mount-context`.
+    pub lsm_mount_context: Option<String>,
+}
+
+/// What is left to undo if the restore does not complete.
+#[derive(Debug, Default)]
+struct Cleanup {
+    state_dir: Option<PathBuf>,
+    criu_root: Option<PathBuf>,
+    cgroups: Vec<PathBuf>,
+    pid: Option<i32>,
+}
+
+impl Cleanup {
+    /// Takes back everything recorded, newest first.
+    fn undo(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        }
+        self.release_root();
+        for cgroup in self.cgroups.drain(..).rev() {
+            let _ = fs::remove_dir(cgroup);
+        }
+        if let Some(dir) = self.state_dir.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Unmounts and removes the CRIU root; the restored tasks hold their own mounts.
+    fn release_root(&mut self) {
+        if let Some(root) = self.criu_root.take() {
+            let _ = umount2(&root, MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir(root);
+        }
+    }
+}
+
+/// The OCI runtime state, plus what the restore set up (`<root>/<id>/state.json`).
+#[derive(Debug, Serialize)]
+struct State {
+    #[serde(rename = "ociVersion")]
+    oci_version: String,
+    id: String,
+    status: &'static str,
+    pid: i32,
+    bundle: PathBuf,
+    annotations: BTreeMap<String, String>,
+    created: u64,
+    images_dir: PathBuf,
+    work_dir: PathBuf,
+    cgroup_paths: Vec<PathBuf>,
+    namespace_paths: BTreeMap<String, PathBuf>,
+    external_descriptors: Vec<String>,
+}
+
+/// runc's container id rule.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+-.".contains(&b))
+}
+
+fn io_error(doing: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RestoreError {
+    let path = path.to_path_buf();
+    move |source| RestoreError::Io {
+        doing,
+        path,
+        source,
+    }
+}
+
+/// Restores the container and returns the exit status for `restore`: 0 once a detached
+/// container runs, the container's own status in the foreground.
+///
+/// # Errors
+///
+/// Every failure before or during CRIU's restore, after undoing what was set up.
+pub fn restore(options: &Options) -> Result<i32, RestoreError> {
+    let mut cleanup = Cleanup::default();
+    let result = restore_steps(options, &mut cleanup);
+    match result {
+        Ok(status) => Ok(status),
+        Err(error) => {
+            cleanup.undo();
+            Err(error)
+        }
+    }
+}
+
+fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, RestoreError> {
+    if !valid_id(&options.id) {
+        return Err(RestoreError::InvalidId(options.id.clone()));
+    }
+    let config_path = options.bundle.join("config.json");
+    let spec = Spec::load(&config_path).map_err(|source| RestoreError::Config {
+        path: config_path.clone(),
+        source,
+    })?;
+    if !options.image_path.join("inventory.img").is_file() {
+        return Err(RestoreError::NoCheckpoint {
+            dir: options.image_path.clone(),
+        });
+    }
+    let descriptors = read_descriptors(&options.image_path)?;
+    let rootfs = rootfs(&spec, &options.bundle, &config_path)?;
+
+    // The state directory doubles as the lock: creating it fails if the id is taken.
+    fs::create_dir_all(&options.root).map_err(io_error("create", &options.root))?;
+    let state_dir = options.root.join(&options.id);
+    match fs::create_dir(&state_dir) {
+        Ok(()) => cleanup.state_dir = Some(state_dir.clone()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(RestoreError::Exists {
+                id: options.id.clone(),
+                dir: state_dir,
+            });
+        }
+        Err(e) => return Err(io_error("create", &state_dir)(e)),
+    }
+
+    // CRIU needs the root to be a mount point whose parent is not overmounted (runc does the
+    // same, at the same place).
+    let criu_root = state_dir.join("criu-root");
+    fs::create_dir(&criu_root).map_err(io_error("create", &criu_root))?;
+    mount(
+        Some(&rootfs),
+        &criu_root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| RestoreError::Sys {
+        doing: "bind-mount the rootfs at",
+        path: criu_root.clone(),
+        source,
+    })?;
+    cleanup.criu_root = Some(criu_root.clone());
+
+    let mut opts = criu_options(options, &spec, &criu_root, &descriptors)?;
+    let namespaces = namespace_files(&spec, &config_path, &mut opts)?;
+    let cgroups = Cgroups::plan(&spec, &options.id)?;
+    opts.cg_root = cgroups.roots();
+
+    // Connected before CRIU starts, as runc does, so a wrong path fails early.
+    let console = options
+        .console_socket
+        .as_ref()
+        .map(|path| {
+            UnixStream::connect(path).map_err(|source| RestoreError::ConsoleSocket {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+
+    let work_dir = options
+        .work_path
+        .clone()
+        .unwrap_or_else(|| options.image_path.clone());
+    if let Some(work) = &options.work_path {
+        fs::create_dir_all(work).map_err(io_error("create", work))?;
+    }
+    let request = RestoreRequest {
+        images_dir: options.image_path.clone(),
+        work_dir: options.work_path.clone(),
+        log_file: "restore.log".into(),
+        log_level: 4,
+        opts,
+        inherit_stdio: true,
+    };
+    let mut handler = Handler {
+        cgroups: &cgroups,
+        created: Vec::new(),
+        console,
+        pid: None,
+    };
+    let criu = Criu::new(&options.criu);
+    let outcome = criu.restore(&request, &mut handler);
+    cleanup.cgroups.append(&mut handler.created);
+    cleanup.pid = handler.pid;
+    let restored = outcome?;
+    drop(namespaces);
+    cleanup.release_root();
+
+    let pid = restored.pid;
+    cleanup.pid = Some(pid);
+    if let Some(pid_file) = &options.pid_file {
+        write_pid_file(pid_file, pid)?;
+    }
+    let state = State {
+        oci_version: spec.version().clone(),
+        id: options.id.clone(),
+        status: "running",
+        pid,
+        bundle: options.bundle.clone(),
+        annotations: spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        images_dir: options.image_path.clone(),
+        work_dir,
+        cgroup_paths: cleanup.cgroups.clone(),
+        namespace_paths: namespace_paths(&spec),
+        external_descriptors: descriptors,
+    };
+    write_state(&state_dir, &state)?;
+
+    if options.detach {
+        // The container now lives on its own; nothing is undone any more.
+        *cleanup = Cleanup::default();
+        return Ok(0);
+    }
+    let status = crate::lifecycle::wait_foreground(pid);
+    cleanup.pid = None;
+    cleanup.undo();
+    Ok(status)
+}
+
+/// The container's stdio as runc recorded it (`descriptors.json`).
+fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreError> {
+    let path = images.join("descriptors.json");
+    let text = fs::read_to_string(&path).map_err(|source| RestoreError::Descriptors {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| RestoreError::Descriptors {
+        path,
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })
+}
+
+fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreError> {
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| RestoreError::BadConfig {
+            path: config.to_path_buf(),
+            problem: "no root".into(),
+        })?;
+    let path = bundle.join(root.path());
+    fs::canonicalize(&path).map_err(io_error("find the rootfs", &path))
+}
+
+/// The RPC options runc sends for a restore (its `criu_linux.go`), from the flags and the
+/// bundle's mounts.
+fn criu_options(
+    options: &Options,
+    spec: &Spec,
+    criu_root: &Path,
+    descriptors: &[String],
+) -> Result<CriuOpts, RestoreError> {
+    let flag = |on: bool| on.then_some(true);
+    let mode = match options.cgroups_mode {
+        CgroupsMode::Soft => CgMode::Soft,
+        CgroupsMode::Full => CgMode::Full,
+        CgroupsMode::Strict => CgMode::Strict,
+        CgroupsMode::Ignore => CgMode::Ignore,
+    };
+    let mut opts = CriuOpts {
+        root: Some(criu_root.display().to_string()),
+        evasive_devices: Some(true),
+        rst_sibling: Some(true),
+        manage_cgroups: Some(true),
+        // Explicit presence: IGNORE is 0 and would otherwise not be sent at all.
+        manage_cgroups_mode: Some(mode as i32),
+        orphan_pts_master: Some(true),
+        shell_job: flag(options.shell_job),
+        ext_unix_sk: flag(options.ext_unix_sk),
+        tcp_established: flag(options.tcp_established),
+        file_locks: flag(options.file_locks),
+        auto_dedup: flag(options.auto_dedup),
+        lazy_pages: flag(options.lazy_pages),
+        empty_ns: options.empty_network.then_some(CLONE_NEWNET),
+        lsm_profile: options.lsm_profile.clone(),
+        lsm_mount_context: options.lsm_mount_context.clone(),
+        ..Default::default()
+    };
+
+    let mut external = |key: &str, value: &Path| {
+        opts.ext_mnt.push(ExtMountMap {
+            key: key.to_owned(),
+            val: value.display().to_string(),
+        });
+    };
+    for m in spec.mounts().iter().flatten() {
+        let destination = m.destination().display().to_string();
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        if is_bind {
+            if let Some(source) = m.source() {
+                external(&destination, source);
+            }
+        } else if m.typ().as_deref() == Some("cgroup") {
+            for (mount_point, _, _) in cgroup_mounts()?.into_iter().filter(|(_, _, v2)| !v2) {
+                let name = mount_point
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                if let Some(name) = name {
+                    external(&format!("{destination}/{name}"), &mount_point);
+                }
+            }
+        }
+    }
+    if let Some(linux) = spec.linux() {
+        if linux.masked_paths().as_ref().is_some_and(|p| !p.is_empty()) {
+            external("/dev/null", Path::new("/dev/null"));
+        }
+        for device in linux.devices().iter().flatten() {
+            external(&device.path().display().to_string(), device.path());
+        }
+    }
+
+    // Pipes among the container's stdio are CRIU's own fd 0, 1 or 2, which it inherits.
+    for (fd, name) in descriptors.iter().enumerate() {
+        if name.contains("pipe:") {
+            opts.inherit_fd.push(InheritFd {
+                key: name.clone(),
+                fd: fd as i32,
+            });
+        }
+    }
+    Ok(opts)
+}
+
+/// Opens the network and pid namespaces the config names, for CRIU to inherit under runc's
+/// keys, and asks CRIU to join the others. The returned files must stay open until CRIU is
+/// done.
+fn namespace_files(
+    spec: &Spec,
+    config: &Path,
+    opts: &mut CriuOpts,
+) -> Result<Vec<File>, RestoreError> {
+    let mut files = Vec::new();
+    let Some(linux) = spec.linux() else {
+        return Ok(files);
+    };
+    for ns in linux.namespaces().iter().flatten() {
+        let Some(path) = ns.path() else {
+            continue;
+        };
+        let (key, join) = match ns.typ() {
+            LinuxNamespaceType::Network => ("extRootNetNS", None),
+            LinuxNamespaceType::Pid => ("extRootPidNS", None),
+            LinuxNamespaceType::Ipc => ("", Some("ipc")),
+            LinuxNamespaceType::Uts => ("", Some("uts")),
+            LinuxNamespaceType::Mount => ("", Some("mnt")),
+            LinuxNamespaceType::User => ("", Some("user")),
+            LinuxNamespaceType::Time => ("", Some("time")),
+            other => {
+                return Err(RestoreError::BadConfig {
+                    path: config.to_path_buf(),
+                    problem: format!("cannot restore into an existing {other:?} namespace"),
+                });
+            }
+        };
+        if let Some(kind) = join {
+            opts.join_ns.push(JoinNamespace {
+                ns: kind.to_owned(),
+                ns_file: path.display().to_string(),
+                extra_opt: None,
+            });
+            continue;
+        }
+        let file = File::open(path).map_err(io_error("open the namespace", path))?;
+        // CRIU inherits the descriptor under the same number.
+        fcntl(file.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(|source| {
+            RestoreError::Sys {
+                doing: "pass on the namespace",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        opts.inherit_fd.push(InheritFd {
+            key: key.to_owned(),
+            fd: file.as_raw_fd(),
+        });
+        files.push(file);
+    }
+    Ok(files)
+}
+
+fn namespace_paths(spec: &Spec) -> BTreeMap<String, PathBuf> {
+    let mut out = BTreeMap::new();
+    for ns in spec
+        .linux()
+        .iter()
+        .flat_map(|l| l.namespaces().iter().flatten())
+    {
+        if let Some(path) = ns.path() {
+            out.insert(format!("{:?}", ns.typ()).to_lowercase(), path.clone());
+        }
+    }
+    out
+}
+
+/// The cgroup hierarchies of this host: mount point, the options naming controllers (empty
+/// for the v2 hierarchy), and whether it is v2.
+fn cgroup_mounts() -> Result<Vec<(PathBuf, Vec<String>, bool)>, RestoreError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(io_error("read", path))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut right = right.split_whitespace();
+        let v2 = match right.next() {
+            Some("cgroup") => false,
+            Some("cgroup2") => true,
+            _ => continue,
+        };
+        let super_options = right.nth(1).unwrap_or_default();
+        let Some(mount_point) = left.split_whitespace().nth(4) else {
+            continue;
+        };
+        let controllers = if v2 {
+            Vec::new()
+        } else {
+            super_options
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro" | "xattr" | "clone_children"))
+                .filter(|o| !o.starts_with("release_agent"))
+                .map(str::to_owned)
+                .collect()
+        };
+        out.push((PathBuf::from(mount_point), controllers, v2));
+    }
+    Ok(out)
+}
+
+/// The container's cgroup in each hierarchy.
+struct Cgroups {
+    /// Per hierarchy: its controllers (as CRIU names them; none for v2), the container's
+    /// directory and its path inside the hierarchy.
+    dirs: Vec<(Vec<String>, PathBuf, String)>,
+}
+
+impl Cgroups {
+    /// Where the container's cgroups go: `linux.cgroupsPath`, or, as runc 1.1.5 does without
+    /// one, the id below this process's own cgroup in each hierarchy.
+    fn plan(spec: &Spec, id: &str) -> Result<Cgroups, RestoreError> {
+        let configured = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .map(|p| p.display().to_string());
+        let own = own_cgroups()?;
+        let mut dirs = Vec::new();
+        for (mount_point, controllers, _) in cgroup_mounts()? {
+            let key = controllers.first().cloned().unwrap_or_default();
+            let relative = match &configured {
+                Some(path) => path.clone(),
+                None => {
+                    let base = own.get(&key).cloned().unwrap_or_else(|| "/".into());
+                    format!("{}/{id}", base.trim_end_matches('/'))
+                }
+            };
+            let dir = mount_point.join(relative.trim_start_matches('/'));
+            dirs.push((controllers, dir, relative));
+        }
+        Ok(Cgroups { dirs })
+    }
+
+    /// The cgroup roots CRIU restores into, one per v1 hierarchy.
+    fn roots(&self) -> Vec<CgroupRoot> {
+        self.dirs
+            .iter()
+            .filter(|(controllers, _, _)| !controllers.is_empty())
+            .map(|(controllers, _, relative)| CgroupRoot {
+                ctrl: Some(controllers.join(",")),
+                path: relative.clone(),
+            })
+            .collect()
+    }
+
+    /// Creates the cgroups that do not exist yet and moves `pid` into each; returns the ones
+    /// it created.
+    fn enter(&self, pid: u32) -> Result<Vec<PathBuf>, RestoreError> {
+        let mut created = Vec::new();
+        for (_, dir, _) in &self.dirs {
+            if !dir.exists() {
+                fs::create_dir_all(dir).map_err(io_error("create the cgroup", dir))?;
+                created.push(dir.clone());
+                inherit_cpuset(dir)?;
+            }
+            let procs = dir.join("cgroup.procs");
+            fs::write(&procs, pid.to_string()).map_err(io_error("move CRIU into", &procs))?;
+        }
+        Ok(created)
+    }
+}
+
+/// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and refuses tasks until it
+/// has some: give it its parent's, as runc does.
+fn inherit_cpuset(dir: &Path) -> Result<(), RestoreError> {
+    for name in ["cpuset.cpus", "cpuset.mems"] {
+        let file = dir.join(name);
+        let Some(parent) = dir.parent() else {
+            continue;
+        };
+        if !file.exists()
+            || !fs::read_to_string(&file)
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+        {
+            continue;
+        }
+        let value =
+            fs::read_to_string(parent.join(name)).map_err(io_error("read", &parent.join(name)))?;
+        fs::write(&file, value.trim()).map_err(io_error("write", &file))?;
+    }
+    Ok(())
+}
+
+/// This process's cgroup per v1 controller, from `/proc/self/cgroup`.
+fn own_cgroups() -> Result<BTreeMap<String, String>, RestoreError> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(path).map_err(io_error("read", path))?;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, cgroup) = (parts.next(), parts.next(), parts.next());
+        if let (Some(controllers), Some(cgroup)) = (controllers, cgroup) {
+            // The v2 hierarchy's line has no controllers; it is keyed by the empty name.
+            for controller in controllers.split(',') {
+                out.insert(controller.to_owned(), cgroup.to_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Acts on CRIU's notifications during the restore.
+struct Handler<'a> {
+    cgroups: &'a Cgroups,
+    created: Vec<PathBuf>,
+    console: Option<UnixStream>,
+    pid: Option<i32>,
+}
+
+impl NotifyHandler for Handler<'_> {
+    fn started(&mut self, criu_pid: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // The restored tasks are created in CRIU's cgroups, so CRIU goes in first.
+        self.created = self.cgroups.enter(criu_pid)?;
+        Ok(())
+    }
+
+    fn notify(
+        &mut self,
+        notification: &Notification<'_>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match notification.script {
+            "post-restore" => self.pid = notification.pid,
+            "orphan-pts-master" => {
+                let (Some(console), Some(fd)) = (&self.console, notification.fd) else {
+                    return Err(
+                        "CRIU sent a console master but no --console-socket was given".into(),
+                    );
+                };
+                send_console(console, fd.as_raw_fd())?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Sends the console master to the console socket as runc does: the fd with the payload
+/// `orphan-pts-master`.
+fn send_console(console: &UnixStream, fd: RawFd) -> Result<(), nix::Error> {
+    let payload = b"orphan-pts-master";
+    let iov = [IoSlice::new(payload)];
+    let fds = [fd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(console.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Writes the pid file atomically: a new file beside it, then a rename.
+fn write_pid_file(path: &Path, pid: i32) -> Result<(), RestoreError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}"));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .custom_flags(nix::fcntl::OFlag::O_SYNC.bits())
+        .open(&temp)
+        .map_err(io_error("create", &temp))?;
+    file.write_all(pid.to_string().as_bytes())
+        .map_err(io_error("write", &temp))?;
+    fs::rename(&temp, path).map_err(io_error("rename the pid file to", path))
+}
+
+/// Writes `state.json` atomically.
+fn write_state(dir: &Path, state: &State) -> Result<(), RestoreError> {
+    let temp = dir.join("state.json.tmp");
+    let path = dir.join("state.json");
+    let text = serde_json::to_vec_pretty(state)
+        .map_err(|e| io_error("encode", &path)(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    fs::write(&temp, text).map_err(io_error("write", &temp))?;
+    fs::rename(&temp, &path).map_err(io_error("write", &path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_runc_rules() {
+        assert!(valid_id("my-container_1.2+x"));
+        for bad in ["", ".", "..", "a/b", "a b", "ü"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! `restore` on the runc busybox checkpoint of `fixtures/`: detached and in the foreground,
+//! the same id twice, and failures that must leave nothing behind. Needs root and CRIU (CI
+//! installs them); skipped with the reason printed otherwise. The bundle the checkpoint was
+//! made from is recreated under /tmp/criu-fixtures by `fixtures/make-fixtures --prepare-only`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, geteuid};
+
+const BUNDLE: &str = "/tmp/criu-fixtures/runc-busybox";
+const CGROUP: &str = "criu-fixture-runc-busybox";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One restore at a time: every test restores the same container into the same cgroup.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn ready() -> bool {
+    if !geteuid().is_root() {
+        println!("skipped: restoring a container needs root");
+        return false;
+    }
+    if !Command::new("criu")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("skipped: criu is not installed (run tools/install-deps)");
+        return false;
+    }
+    static PREPARE: Once = Once::new();
+    PREPARE.call_once(|| {
+        let status = Command::new("bash")
+            .arg(workspace().join("fixtures/make-fixtures"))
+            .arg("--prepare-only")
+            .stdout(Stdio::null())
+            .status()
+            .expect("make-fixtures runs");
+        assert!(status.success(), "make-fixtures --prepare-only failed");
+    });
+    true
+}
+
+/// A scratch copy of the checkpoint, so the committed fixture is never touched.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let images = dir.path().join("images");
+        fs::create_dir(&images).expect("images dir");
+        for entry in fs::read_dir(workspace().join("fixtures/runc-busybox")).expect("fixture") {
+            let entry = entry.expect("entry");
+            fs::copy(entry.path(), images.join(entry.file_name())).expect("copy image");
+        }
+        Scratch { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn restore(&self, id: &str, extra: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_restore"));
+        command
+            .current_dir(self.dir.path())
+            .arg("--root")
+            .arg(self.path("state"))
+            .args(["--criu", "criu", "--bundle", BUNDLE, "--image-path"])
+            .arg(self.path("images"))
+            .arg("--work-path")
+            .arg(self.path("work"))
+            .args(extra)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+}
+
+fn counter() -> u64 {
+    fs::read_to_string(Path::new(BUNDLE).join("rootfs/counter"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cgroup_dirs() -> Vec<PathBuf> {
+    fs::read_dir("/sys/fs/cgroup")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join(CGROUP))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills a container left running and removes what it holds.
+fn destroy(pid: i32, state: &Path) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+    for dir in cgroup_dirs() {
+        let _ = fs::remove_dir(dir);
+    }
+    let _ = fs::remove_dir_all(state);
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn mounted_below(path: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts.contains(&path.display().to_string())
+}
+
+#[test]
+fn detached_restore_continues_where_it_stopped() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+
+    let output = scratch
+        .restore("busybox", &["-d", "--pid-file", "restored.pid"])
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "restore failed: {}",
+        stderr(&output)
+    );
+
+    // The relative pid file is written in the working directory, with the host pid.
+    let pid: i32 = fs::read_to_string(scratch.path("restored.pid"))
+        .expect("pid file")
+        .parse()
+        .expect("a pid, without a newline");
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .expect("runs")
+                .trim(),
+            "sh"
+        );
+        let first = counter();
+        sleep(Duration::from_millis(1200));
+        assert!(counter() > first, "the counter goes on after the restore");
+
+        let state: serde_json::Value = serde_json::from_slice(
+            &fs::read(scratch.path("state/busybox/state.json")).expect("state.json"),
+        )
+        .expect("state.json is JSON");
+        assert_eq!(state["id"], "busybox");
+        assert_eq!(state["status"], "running");
+        assert_eq!(state["pid"], pid);
+        assert_eq!(state["bundle"], BUNDLE);
+        assert!(!cgroup_dirs().is_empty(), "the container has its cgroups");
+
+        // A second restore with the same id fails and leaves the first container alone.
+        let again = scratch.restore("busybox", &["-d"]).output().expect("runs");
+        assert_eq!(again.status.code(), Some(1));
+        assert!(
+            stderr(&again).contains("container busybox already exists"),
+            "{}",
+            stderr(&again)
+        );
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+        // The images were only read: every file equals the committed fixture.
+        for entry in fs::read_dir(workspace().join("fixtures/runc-busybox")).expect("fixture") {
+            let entry = entry.expect("entry");
+            let copy = fs::read(scratch.path("images").join(entry.file_name())).expect("copy");
+            assert!(
+                copy == fs::read(entry.path()).expect("fixture"),
+                "{:?} changed",
+                entry.file_name()
+            );
+        }
+        assert!(scratch.path("work/restore.log").is_file());
+    });
+    destroy(pid, &scratch.path("state"));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn foreground_restore_exits_with_the_container_status() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let pid_file = scratch.path("fg.pid");
+    let mut child = scratch
+        .restore("fg", &["--pid-file", pid_file.to_str().expect("utf-8")])
+        .spawn()
+        .expect("starts");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.parse::<i32>().ok())
+        {
+            break pid;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("restore exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "no pid file after 30 s");
+        sleep(Duration::from_millis(20));
+    };
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill the container");
+    let output = child.wait_with_output().expect("restore exits");
+
+    assert_eq!(output.status.code(), Some(128 + 9), "{}", stderr(&output));
+    assert!(
+        !scratch.path("state/fg").exists(),
+        "a foreground restore removes its state"
+    );
+    assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new(), "and its cgroups");
+}
+
+#[test]
+fn failures_are_clear_and_leave_nothing_behind() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let state = scratch.path("state");
+
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--bundle", "/nonexistent/bundle"],
+            "cannot load the bundle's config /nonexistent/bundle/config.json",
+        ),
+        (
+            &["--criu", "/nonexistent/criu"],
+            "cannot run /nonexistent/criu (is CRIU installed?",
+        ),
+    ];
+    for (extra, message) in cases {
+        let output = scratch.restore("broken", extra).output().expect("runs");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(message),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            !state.join("broken").exists(),
+            "{extra:?} left its state directory"
+        );
+        assert!(
+            !mounted_below(&state),
+            "{extra:?} left the CRIU root mounted"
+        );
+        assert_eq!(
+            cgroup_dirs(),
+            Vec::<PathBuf>::new(),
+            "{extra:?} left cgroups"
+        );
+    }
+
+    let empty = scratch.path("empty");
+    fs::create_dir(&empty).expect("empty dir");
+    let output = scratch
+        .restore("broken", &["--image-path", empty.to_str().expect("utf-8")])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("holds no checkpoint"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = scratch.restore("a/b", &[]).output().expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("invalid container id"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = scratch
+        .restore("broken", &["--manage-cgroups-mode", "bogus"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let output = Command::new(env!("CARGO_BIN_EXE_restore"))
+        .arg("--lsm-mount-context")
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("requires an argument"),
+        "{}",
+        stderr(&output)
+    );
+}
