@@ -111,6 +111,9 @@ pub enum RestoreError {
     /// CRIU failed.
     #[error(transparent)]
     Criu(#[from] RpcError),
+    /// CRIU reported success without saying which process it restored.
+    #[error("CRIU reported a successful restore but no pid for the container's init")]
+    NoPid,
 }
 
 /// How CRIU manages the container's cgroups (`--manage-cgroups-mode`).
@@ -181,7 +184,8 @@ struct Cleanup {
 impl Cleanup {
     /// Takes back everything recorded, newest first.
     fn undo(&mut self) {
-        if let Some(pid) = self.pid.take() {
+        // Only a real pid: kill(-1) or kill(0) would signal far more than the container.
+        if let Some(pid) = self.pid.take().filter(|&pid| pid > 1) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
         }
@@ -339,8 +343,11 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         opts,
         inherit_stdio: true,
     };
+    let strict = options.cgroups_mode == CgroupsMode::Strict;
+    let existing = cgroups.existing();
     let mut handler = Handler {
         cgroups: &cgroups,
+        strict,
         created: Vec::new(),
         console,
         pid: None,
@@ -348,12 +355,24 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     let criu = Criu::new(&options.criu);
     let outcome = criu.restore(&request, &mut handler);
     cleanup.cgroups.append(&mut handler.created);
+    if strict {
+        // CRIU made them; they are the container's all the same.
+        cleanup.cgroups.extend(
+            cgroups
+                .existing()
+                .into_iter()
+                .filter(|d| !existing.contains(d)),
+        );
+    }
     cleanup.pid = handler.pid;
     let restored = outcome?;
     drop(namespaces);
     cleanup.release_root();
 
-    let pid = restored.pid;
+    let pid = Some(restored.pid)
+        .filter(|&pid| pid > 1)
+        .or(cleanup.pid.filter(|&pid| pid > 1))
+        .ok_or(RestoreError::NoPid)?;
     cleanup.pid = Some(pid);
     if let Some(pid_file) = &options.pid_file {
         write_pid_file(pid_file, pid)?;
@@ -652,6 +671,15 @@ impl Cgroups {
             .collect()
     }
 
+    /// The container's cgroup directories that exist now.
+    fn existing(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .map(|(_, dir, _)| dir.clone())
+            .filter(|dir| dir.exists())
+            .collect()
+    }
+
     /// Creates the cgroups that do not exist yet and moves `pid` into each; returns the ones
     /// it created.
     fn enter(&self, pid: u32) -> Result<Vec<PathBuf>, RestoreError> {
@@ -713,6 +741,7 @@ fn own_cgroups() -> Result<BTreeMap<String, String>, RestoreError> {
 /// Acts on CRIU's notifications during the restore.
 struct Handler<'a> {
     cgroups: &'a Cgroups,
+    strict: bool,
     created: Vec<PathBuf>,
     console: Option<UnixStream>,
     pid: Option<i32>,
@@ -720,8 +749,13 @@ struct Handler<'a> {
 
 impl NotifyHandler for Handler<'_> {
     fn started(&mut self, criu_pid: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        // The restored tasks are created in CRIU's cgroups, so CRIU goes in first.
-        self.created = self.cgroups.enter(criu_pid)?;
+        // The restored tasks are created in CRIU's cgroups, so CRIU goes in first. In strict
+        // mode CRIU itself creates the cgroups and refuses existing ones ("Abort restore of
+        // existing cgroups"), so there it is left where it is. (runc moves CRIU in every mode,
+        // which makes its strict mode fail.)
+        if !self.strict {
+            self.created = self.cgroups.enter(criu_pid)?;
+        }
         Ok(())
     }
 

@@ -22,6 +22,10 @@ pub fn become_subreaper() -> io::Result<()> {
 /// Forwards this process's signals to `pid` until it exits, reaping every child meanwhile,
 /// and returns its exit code, or 128 plus the signal that killed it.
 pub fn wait_foreground(pid: i32) -> i32 {
+    // Signals go to this pid only: 0 or -1 would reach a process group or everyone.
+    if pid <= 1 {
+        return 255;
+    }
     let target = Pid::from_raw(pid);
     let forwarder = Signals::new([SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH])
         .ok()

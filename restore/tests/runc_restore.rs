@@ -113,10 +113,13 @@ fn cgroup_dirs() -> Vec<PathBuf> {
 
 /// Kills a container left running and removes what it holds.
 fn destroy(pid: i32, state: &Path) {
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        sleep(Duration::from_millis(20));
+    // Only a real pid: kill(-1) would signal every process there is.
+    if pid > 1 {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            sleep(Duration::from_millis(20));
+        }
     }
     for dir in cgroup_dirs() {
         let _ = fs::remove_dir(dir);
@@ -326,4 +329,122 @@ fn failures_are_clear_and_leave_nothing_behind() {
         "{}",
         stderr(&output)
     );
+}
+
+#[test]
+fn terminal_container_sends_its_console_master_and_answers() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let images = dir.path().join("images");
+    fs::create_dir(&images).expect("images dir");
+    for entry in fs::read_dir(workspace().join("fixtures/runc-terminal")).expect("fixture") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), images.join(entry.file_name())).expect("copy image");
+    }
+
+    // The console peer receives the master, types a command into it and records the output.
+    let socket = dir.path().join("console.sock");
+    let log = dir.path().join("console.log");
+    let mut listener = Command::new("/usr/bin/python3")
+        .arg(workspace().join("fixtures/src/console-listener.py"))
+        .arg(&socket)
+        .arg(&log)
+        .arg("echo restored-$((6*7))")
+        .spawn()
+        .expect("console listener starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "console listener did not start");
+        sleep(Duration::from_millis(20));
+    }
+
+    let state = dir.path().join("state");
+    let output = Command::new(env!("CARGO_BIN_EXE_restore"))
+        .arg("--root")
+        .arg(&state)
+        .args([
+            "--bundle",
+            "/tmp/criu-fixtures/runc-terminal",
+            "--image-path",
+        ])
+        .arg(&images)
+        .arg("--work-path")
+        .arg(dir.path().join("work"))
+        .arg("--console-socket")
+        .arg(&socket)
+        .args(["-d", "--pid-file"])
+        .arg(dir.path().join("pid"))
+        .arg("terminal")
+        .stdin(Stdio::null())
+        .output()
+        .expect("restore runs");
+    let pid: i32 = fs::read_to_string(dir.path().join("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            output.status.success(),
+            "restore failed: {}",
+            stderr(&output)
+        );
+        let transcript = log.with_extension("log.transcript");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = fs::read_to_string(&transcript).unwrap_or_default();
+            if text.contains("restored-42") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the shell did not answer: {text:?}"
+            );
+            sleep(Duration::from_millis(50));
+        }
+        let received = fs::read_to_string(&log).expect("listener log");
+        assert!(received.contains("payload=orphan-pts-master"), "{received}");
+    });
+    destroy(pid, &state);
+    let _ = listener.kill();
+    let _ = listener.wait();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn every_cgroups_mode_restores() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    for mode in ["soft", "full", "strict", "ignore"] {
+        let scratch = Scratch::new();
+        let output = scratch
+            .restore(
+                "modes",
+                &["-d", "--manage-cgroups-mode", mode, "--pid-file", "pid"],
+            )
+            .output()
+            .expect("runs");
+        let pid: i32 = fs::read_to_string(scratch.path("pid"))
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(-1);
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        destroy(pid, &scratch.path("state"));
+        assert!(
+            output.status.success(),
+            "--manage-cgroups-mode {mode}: {}",
+            stderr(&output)
+        );
+        assert!(
+            alive,
+            "--manage-cgroups-mode {mode}: the container is not running"
+        );
+    }
 }
