@@ -72,6 +72,18 @@ fn missing_criu_is_a_clear_error() {
     assert!(error.to_string().contains("is CRIU installed?"), "{error}");
 }
 
+/// A restore of `images` with the log in the images directory.
+fn request(images: &Path, opts: CriuOpts) -> RestoreRequest {
+    RestoreRequest {
+        images_dir: images.to_path_buf(),
+        work_dir: None,
+        log_file: "restore.log".into(),
+        log_level: 4,
+        opts,
+        inherit_stdio: false,
+    }
+}
+
 /// Records the notifications CRIU sends.
 #[derive(Default)]
 struct Recorder {
@@ -150,18 +162,12 @@ fn restores_a_dumped_process_through_rpc() {
     // CRIU cannot restore a pid until the old process is gone.
     wait_gone(pid);
 
-    let request = RestoreRequest {
-        images_dir: images.clone(),
-        work_dir: None,
-        log_file: "restore.log".into(),
-        log_level: 4,
-        // The restored process becomes our child, so this test can reap it.
-        opts: CriuOpts {
-            rst_sibling: Some(true),
-            ..Default::default()
-        },
-        inherit_stdio: false,
+    // The restored process becomes our child, so this test can reap it.
+    let opts = CriuOpts {
+        rst_sibling: Some(true),
+        ..Default::default()
     };
+    let request = request(&images, opts);
     let mut recorder = Recorder::default();
     let restored = criu
         .restore(&request, &mut recorder)
@@ -186,14 +192,7 @@ fn restores_a_dumped_process_through_rpc() {
 fn a_failed_restore_reports_criu_message_and_log() {
     let Some(criu) = criu() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let request = RestoreRequest {
-        images_dir: dir.path().to_path_buf(),
-        work_dir: None,
-        log_file: "restore.log".into(),
-        log_level: 4,
-        opts: CriuOpts::default(),
-        inherit_stdio: false,
-    };
+    let request = request(dir.path(), CriuOpts::default());
     let error = criu
         .restore(&request, &mut AcknowledgeAll)
         .expect_err("nothing to restore");
@@ -221,14 +220,7 @@ fn a_failed_restore_reports_criu_message_and_log() {
 #[test]
 fn an_unopenable_images_dir_fails_before_criu_runs() {
     let criu = Criu::new("/nonexistent/criu");
-    let request = RestoreRequest {
-        images_dir: "/nonexistent/images".into(),
-        work_dir: None,
-        log_file: "restore.log".into(),
-        log_level: 4,
-        opts: CriuOpts::default(),
-        inherit_stdio: false,
-    };
+    let request = request(Path::new("/nonexistent/images"), CriuOpts::default());
     let error = criu
         .restore(&request, &mut AcknowledgeAll)
         .expect_err("no such dir");

@@ -59,10 +59,15 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Scratch {
+        Scratch::of("runc-busybox")
+    }
+
+    /// A copy of the checkpoint `fixtures/<fixture>`.
+    fn of(fixture: &str) -> Scratch {
         let dir = tempfile::tempdir().expect("temp dir");
         let images = dir.path().join("images");
         fs::create_dir(&images).expect("images dir");
-        for entry in fs::read_dir(workspace().join("fixtures/runc-busybox")).expect("fixture") {
+        for entry in fs::read_dir(workspace().join("fixtures").join(fixture)).expect("fixture") {
             let entry = entry.expect("entry");
             fs::copy(entry.path(), images.join(entry.file_name())).expect("copy image");
         }
@@ -337,17 +342,11 @@ fn terminal_container_sends_its_console_master_and_answers() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let images = dir.path().join("images");
-    fs::create_dir(&images).expect("images dir");
-    for entry in fs::read_dir(workspace().join("fixtures/runc-terminal")).expect("fixture") {
-        let entry = entry.expect("entry");
-        fs::copy(entry.path(), images.join(entry.file_name())).expect("copy image");
-    }
+    let scratch = Scratch::of("runc-terminal");
 
     // The console peer receives the master, types a command into it and records the output.
-    let socket = dir.path().join("console.sock");
-    let log = dir.path().join("console.log");
+    let socket = scratch.path("console.sock");
+    let log = scratch.path("console.log");
     let mut listener = Command::new("/usr/bin/python3")
         .arg(workspace().join("fixtures/src/console-listener.py"))
         .arg(&socket)
@@ -361,27 +360,20 @@ fn terminal_container_sends_its_console_master_and_answers() {
         sleep(Duration::from_millis(20));
     }
 
-    let state = dir.path().join("state");
-    let output = Command::new(env!("CARGO_BIN_EXE_restore"))
-        .arg("--root")
-        .arg(&state)
-        .args([
-            "--bundle",
-            "/tmp/criu-fixtures/runc-terminal",
-            "--image-path",
-        ])
-        .arg(&images)
-        .arg("--work-path")
-        .arg(dir.path().join("work"))
-        .arg("--console-socket")
-        .arg(&socket)
-        .args(["-d", "--pid-file"])
-        .arg(dir.path().join("pid"))
-        .arg("terminal")
-        .stdin(Stdio::null())
+    let state = scratch.path("state");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let extra = [
+        "--bundle",
+        "/tmp/criu-fixtures/runc-terminal",
+        "--console-socket",
+        socket_arg,
+    ];
+    let extra = [&extra[..], &["-d", "--pid-file", "pid"]].concat();
+    let output = scratch
+        .restore("terminal", &extra)
         .output()
         .expect("restore runs");
-    let pid: i32 = fs::read_to_string(dir.path().join("pid"))
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(-1);
