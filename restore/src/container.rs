@@ -24,7 +24,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::rpc::messages::{CgMode, CgroupRoot, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
-use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError};
+use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError, Version};
 
 /// `CLONE_NEWNET`, the one namespace `--empty-ns` accepts.
 const CLONE_NEWNET: u32 = 0x4000_0000;
@@ -353,6 +353,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         pid: None,
     };
     let criu = Criu::new(&options.criu);
+    require_versions(&criu, options)?;
     let outcome = criu.restore(&request, &mut handler);
     cleanup.cgroups.append(&mut handler.created);
     if strict {
@@ -409,6 +410,21 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     cleanup.pid = None;
     cleanup.undo();
     Ok(status)
+}
+
+/// The CRIU versions options need, as runc checks them: named with the version found and the
+/// one needed, before anything is restored.
+fn require_versions(criu: &Criu, options: &Options) -> Result<(), RestoreError> {
+    let needs = [
+        (options.lsm_profile.is_some(), Version::new(3, 16, 0), "--lsm-profile"),
+        (options.lsm_mount_context.is_some(), Version::new(3, 16, 0), "--lsm-mount-context"),
+    ];
+    for (wanted, version, option) in needs {
+        if wanted {
+            criu.require(version, option)?;
+        }
+    }
+    Ok(())
 }
 
 /// The container's stdio as runc recorded it (`descriptors.json`).
