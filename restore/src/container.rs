@@ -416,8 +416,16 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
 /// one needed, before anything is restored.
 fn require_versions(criu: &Criu, options: &Options) -> Result<(), RestoreError> {
     let needs = [
-        (options.lsm_profile.is_some(), Version::new(3, 16, 0), "--lsm-profile"),
-        (options.lsm_mount_context.is_some(), Version::new(3, 16, 0), "--lsm-mount-context"),
+        (
+            options.lsm_profile.is_some(),
+            Version::new(3, 16, 0),
+            "--lsm-profile",
+        ),
+        (
+            options.lsm_mount_context.is_some(),
+            Version::new(3, 16, 0),
+            "--lsm-mount-context",
+        ),
     ];
     for (wanted, version, option) in needs {
         if wanted {
