@@ -440,3 +440,40 @@ fn every_cgroups_mode_restores() {
         );
     }
 }
+
+#[test]
+fn empty_network_namespace_has_only_loopback() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let output = scratch
+        .restore(
+            "netns",
+            &["-d", "--empty-ns", "network", "--pid-file", "pid"],
+        )
+        .output()
+        .expect("runs");
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let devices = fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
+    let host = fs::read_link("/proc/self/ns/net").ok();
+    let theirs = fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    destroy(pid, &scratch.path("state"));
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    let interfaces: Vec<&str> = devices
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(interfaces, ["lo"], "{devices}");
+    assert_ne!(
+        theirs, host,
+        "the container has a network namespace of its own"
+    );
+}
