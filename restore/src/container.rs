@@ -279,37 +279,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     let descriptors = read_descriptors(&options.image_path)?;
     let rootfs = rootfs(&spec, &options.bundle, &config_path)?;
 
-    // The state directory doubles as the lock: creating it fails if the id is taken.
-    fs::create_dir_all(&options.root).map_err(io_error("create", &options.root))?;
-    let state_dir = options.root.join(&options.id);
-    match fs::create_dir(&state_dir) {
-        Ok(()) => cleanup.state_dir = Some(state_dir.clone()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(RestoreError::Exists {
-                id: options.id.clone(),
-                dir: state_dir,
-            });
-        }
-        Err(e) => return Err(io_error("create", &state_dir)(e)),
-    }
-
-    // CRIU needs the root to be a mount point whose parent is not overmounted (runc does the
-    // same, at the same place).
-    let criu_root = state_dir.join("criu-root");
-    fs::create_dir(&criu_root).map_err(io_error("create", &criu_root))?;
-    mount(
-        Some(&rootfs),
-        &criu_root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|source| RestoreError::Sys {
-        doing: "bind-mount the rootfs at",
-        path: criu_root.clone(),
-        source,
-    })?;
-    cleanup.criu_root = Some(criu_root.clone());
+    let (state_dir, criu_root) = prepare_state(options, &rootfs, cleanup)?;
 
     let mut opts = criu_options(options, &spec, &criu_root, &descriptors)?;
     let namespaces = namespace_files(&spec, &config_path, &mut opts)?;
@@ -378,28 +348,13 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     if let Some(pid_file) = &options.pid_file {
         write_pid_file(pid_file, pid)?;
     }
-    let state = State {
-        oci_version: spec.version().clone(),
-        id: options.id.clone(),
-        status: "running",
-        pid,
-        bundle: options.bundle.clone(),
-        annotations: spec
-            .annotations()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        images_dir: options.image_path.clone(),
+    let facts = Facts {
+        spec: &spec,
         work_dir,
-        cgroup_paths: cleanup.cgroups.clone(),
-        namespace_paths: namespace_paths(&spec),
-        external_descriptors: descriptors,
+        cgroups: cgroups.existing(),
+        descriptors,
     };
-    write_state(&state_dir, &state)?;
+    record_state(options, &state_dir, pid, facts)?;
 
     if options.detach {
         // The container now lives on its own; nothing is undone any more.
@@ -410,6 +365,87 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     cleanup.pid = None;
     cleanup.undo();
     Ok(status)
+}
+
+/// Creates the container's state directory (which doubles as the lock: creating it fails if
+/// the id is taken) and mounts the rootfs at the CRIU root inside it. Returns both paths.
+fn prepare_state(
+    options: &Options,
+    rootfs: &Path,
+    cleanup: &mut Cleanup,
+) -> Result<(PathBuf, PathBuf), RestoreError> {
+    fs::create_dir_all(&options.root).map_err(io_error("create", &options.root))?;
+    let state_dir = options.root.join(&options.id);
+    match fs::create_dir(&state_dir) {
+        Ok(()) => cleanup.state_dir = Some(state_dir.clone()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(RestoreError::Exists {
+                id: options.id.clone(),
+                dir: state_dir,
+            });
+        }
+        Err(e) => return Err(io_error("create", &state_dir)(e)),
+    }
+
+    // CRIU needs the root to be a mount point whose parent is not overmounted (runc does the
+    // same, at the same place).
+    let criu_root = state_dir.join("criu-root");
+    fs::create_dir(&criu_root).map_err(io_error("create", &criu_root))?;
+    mount(
+        Some(rootfs),
+        &criu_root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| RestoreError::Sys {
+        doing: "bind-mount the rootfs at",
+        path: criu_root.clone(),
+        source,
+    })?;
+    cleanup.criu_root = Some(criu_root.clone());
+
+    Ok((state_dir, criu_root))
+}
+
+/// What the restore learnt, for the state file.
+struct Facts<'a> {
+    spec: &'a Spec,
+    work_dir: PathBuf,
+    cgroups: Vec<PathBuf>,
+    descriptors: Vec<String>,
+}
+
+/// Writes `state.json` for the restored container.
+fn record_state(
+    options: &Options,
+    state_dir: &Path,
+    pid: i32,
+    facts: Facts<'_>,
+) -> Result<(), RestoreError> {
+    let state = State {
+        oci_version: facts.spec.version().clone(),
+        id: options.id.clone(),
+        status: "running",
+        pid,
+        bundle: options.bundle.clone(),
+        annotations: facts
+            .spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        images_dir: options.image_path.clone(),
+        work_dir: facts.work_dir,
+        cgroup_paths: facts.cgroups,
+        namespace_paths: namespace_paths(facts.spec),
+        external_descriptors: facts.descriptors,
+    };
+    write_state(state_dir, &state)
 }
 
 /// The CRIU versions options need, as runc checks them: named with the version found and the
