@@ -324,6 +324,14 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     };
     let criu = Criu::new(&options.criu);
     require_versions(&criu, options)?;
+    tracing::debug!(
+        container = %options.id,
+        images = %options.image_path.display(),
+        criu_root = %criu_root.display(),
+        external_mounts = request.opts.ext_mnt.len(),
+        inherited_fds = request.opts.inherit_fd.len(),
+        "starting CRIU"
+    );
     let outcome = criu.restore(&request, &mut handler);
     cleanup.cgroups.append(&mut handler.created);
     if strict {
@@ -356,6 +364,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     };
     record_state(options, &state_dir, pid, facts)?;
 
+    tracing::info!(container = %options.id, pid, "restored");
     if options.detach {
         // The container now lives on its own; nothing is undone any more.
         *cleanup = Cleanup::default();
@@ -823,6 +832,7 @@ impl NotifyHandler for Handler<'_> {
         &mut self,
         notification: &Notification<'_>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        tracing::debug!(script = notification.script, pid = ?notification.pid, "CRIU notification");
         match notification.script {
             "post-restore" => self.pid = notification.pid,
             "orphan-pts-master" => {

@@ -90,13 +90,13 @@ struct Cli {
     /// CRIU binary to run.
     #[arg(long, value_name = "PATH", default_value = "criu")]
     criu: PathBuf,
-    /// Write logs to this file instead of stderr.
+    /// Append logs to this file instead of writing them to stderr.
     #[arg(long, value_name = "PATH")]
     log: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log debug detail.
+    /// Log each step of the restore and CRIU's notifications.
     #[arg(long)]
     debug: bool,
     /// The container id to restore as.
@@ -185,11 +185,46 @@ fn options(cli: &Cli) -> anyhow::Result<Options> {
     })
 }
 
+/// Sends logs to `--log` (appended) or stderr, as text or JSON lines; `--debug` shows the
+/// restore's steps and CRIU's notifications.
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
+    let writer = match &cli.log {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
+            BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
+    let level = if cli.debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_max_level(level);
+    match cli.log_format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
+    if let Err(error) = init_logging(&cli) {
+        eprintln!("restore: {error:#}");
+        return ExitCode::from(2);
+    }
     let options = match options(&cli) {
         Ok(options) => options,
         Err(error) => {
@@ -206,7 +241,12 @@ fn main() -> ExitCode {
         // Exit statuses are 0 to 255; anything else is reported as 255.
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(255)),
         Err(error) => {
-            eprintln!("restore: {:#}", anyhow::Error::new(error));
+            let error = anyhow::Error::new(error);
+            // The error goes to stderr for the caller; a log file gets it as well.
+            if cli.log.is_some() {
+                tracing::error!(container = %options.id, "restore failed: {error:#}");
+            }
+            eprintln!("restore: {error:#}");
             ExitCode::from(1)
         }
     }

@@ -149,10 +149,15 @@ fn detached_restore_continues_where_it_stopped() {
     let _serial = serial();
     let scratch = Scratch::new();
 
-    let output = scratch
-        .restore("busybox", &["-d", "--pid-file", "restored.pid"])
-        .output()
-        .expect("runs");
+    let logging = [
+        "--log",
+        "restore.log.json",
+        "--log-format",
+        "json",
+        "--debug",
+    ];
+    let extra = [&["-d", "--pid-file", "restored.pid"][..], &logging[..]].concat();
+    let output = scratch.restore("busybox", &extra).output().expect("runs");
     assert!(
         output.status.success(),
         "restore failed: {}",
@@ -206,6 +211,20 @@ fn detached_restore_continues_where_it_stopped() {
             );
         }
         assert!(scratch.path("work/restore.log").is_file());
+
+        // --log with --log-format json and --debug: one JSON object a line, steps included.
+        let log = fs::read_to_string(scratch.path("restore.log.json")).expect("log file");
+        let events: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let messages: Vec<&str> = events
+            .iter()
+            .filter_map(|e| e["fields"]["message"].as_str())
+            .collect();
+        assert!(messages.contains(&"starting CRIU"), "{log}");
+        assert!(messages.contains(&"CRIU notification"), "{log}");
+        assert!(messages.contains(&"restored"), "{log}");
     });
     destroy(pid, &scratch.path("state"));
     if let Err(panic) = result {
