@@ -105,15 +105,7 @@ fn counter() -> u64 {
 }
 
 fn cgroup_dirs() -> Vec<PathBuf> {
-    fs::read_dir("/sys/fs/cgroup")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path().join(CGROUP))
-                .filter(|p| p.exists())
-                .collect()
-        })
-        .unwrap_or_default()
+    cgroup_dirs_named(CGROUP)
 }
 
 /// Kills a container left running and removes what it holds.
@@ -494,5 +486,166 @@ fn empty_network_namespace_has_only_loopback() {
     assert_ne!(
         theirs, host,
         "the container has a network namespace of its own"
+    );
+}
+
+/// The cgroups named `name` in every hierarchy.
+fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
+    fs::read_dir("/sys/fs/cgroup")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join(name))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn bind_mounts_are_restored_from_their_host_source() {
+    if !ready() {
+        return;
+    }
+    if !Command::new("runc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("skipped: runc is not installed (run tools/install-deps)");
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundle = dir.path().join("bundle");
+    let data = dir.path().join("data");
+    fs::create_dir_all(&data).expect("bind source");
+    fs::create_dir_all(&bundle).expect("bundle");
+    let copied = Command::new("cp")
+        .args(["-a", "/tmp/criu-fixtures/runc-busybox/rootfs"])
+        .arg(bundle.join("rootfs"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(copied, "copy the rootfs");
+    fs::create_dir_all(bundle.join("rootfs/data")).expect("mount point");
+
+    // The fixture's config with a bind mount, its own cgroup and a loop writing through it.
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &fs::read(workspace().join("fixtures/runc-busybox.config.json")).expect("config"),
+    )
+    .expect("config is JSON");
+    config["process"]["args"] = serde_json::json!([
+        "/bin/sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /data/counter; sleep 0.1; done"
+    ]);
+    config["linux"]["cgroupsPath"] = serde_json::json!("/criu-restore-bind-test");
+    config["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
+        }));
+    fs::write(bundle.join("config.json"), config.to_string()).expect("write config");
+
+    let runc_root = dir.path().join("runc");
+    // runc's errors go to a file: a detached container keeps runc's stdio open, so reading
+    // them from a pipe would wait for the container to end.
+    let runc_errors = dir.path().join("runc.err");
+    let runc = |args: &[&str]| {
+        let errors = fs::File::create(&runc_errors).expect("runc error file");
+        let status = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(args)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors)
+            .status()
+            .expect("runc runs");
+        (
+            status.success(),
+            fs::read_to_string(&runc_errors).unwrap_or_default(),
+        )
+    };
+    let bundle_arg = bundle.to_str().expect("utf-8");
+    let images = dir.path().join("images");
+    let images_arg = images.to_str().expect("utf-8");
+    let work_arg = dir.path().join("dump-work");
+    // The container's stdio must be /dev/null: runc cannot checkpoint stdio on a file outside
+    // the container.
+    let ran = Command::new("runc")
+        .arg("--root")
+        .arg(&runc_root)
+        .args(["run", "-d", "--bundle", bundle_arg, "bind-source"])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ran, "runc run failed");
+    sleep(Duration::from_millis(500));
+    let (dumped, errors) = runc(&[
+        "checkpoint",
+        "--image-path",
+        images_arg,
+        "--work-path",
+        work_arg.to_str().expect("utf-8"),
+        "bind-source",
+    ]);
+    let _ = runc(&["delete", "-f", "bind-source"]);
+    for cgroup in cgroup_dirs_named("criu-restore-bind-test") {
+        let _ = fs::remove_dir(cgroup);
+    }
+    assert!(dumped, "runc checkpoint: {errors}");
+
+    let state = dir.path().join("state");
+    let output = Command::new(env!("CARGO_BIN_EXE_restore"))
+        .arg("--root")
+        .arg(&state)
+        .args([
+            "--bundle",
+            bundle_arg,
+            "--image-path",
+            images_arg,
+            "-d",
+            "--pid-file",
+        ])
+        .arg(dir.path().join("pid"))
+        .arg("bind-restored")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.path().join("restore.err")).expect("error file"))
+        .status()
+        .expect("restore runs");
+    let restore_errors = fs::read_to_string(dir.path().join("restore.err")).unwrap_or_default();
+    let pid: i32 = fs::read_to_string(dir.path().join("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let read = || {
+        fs::read_to_string(data.join("counter"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    let before = read();
+    sleep(Duration::from_millis(600));
+    let after = read();
+    if pid > 1 {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            sleep(Duration::from_millis(20));
+        }
+    }
+    for cgroup in cgroup_dirs_named("criu-restore-bind-test") {
+        let _ = fs::remove_dir(cgroup);
+    }
+
+    assert!(output.success(), "restore: {restore_errors}");
+    assert!(
+        after > before,
+        "the restored loop writes through the bind mount ({before:?} then {after:?})"
     );
 }
