@@ -1,22 +1,39 @@
 //! Read-only memory maps of image files: the one place this crate uses `unsafe`.
 //!
 //! Pages files can be many gigabytes, so they are mapped, never read whole; the parsers then
-//! work on the mapped `&[u8]` like on any other slice.
+//! work on the mapped `&[u8]` like on any other slice. Most other images are a few hundred
+//! bytes, and for those one `read` is cheaper than a map, its page fault and its unmap, so
+//! files up to [`READ_LIMIT`] bytes are read into memory instead.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read as _};
 use std::path::Path;
 
 use memmap2::Mmap;
 
-/// A file mapped read-only, or the empty slice for an empty file (which cannot be mapped).
+/// Files up to this size are read rather than mapped.
+pub const READ_LIMIT: u64 = 32 * 1024;
+
+/// Where a file's bytes live.
+#[derive(Debug)]
+enum Backing {
+    /// An empty file, which cannot be mapped.
+    Empty,
+    /// A small file, read whole.
+    Read(Box<[u8]>),
+    /// A read-only map of the file.
+    Mapped(Mmap),
+}
+
+/// A file's bytes: mapped read-only, read whole when small, or the empty slice for an empty
+/// file.
 #[derive(Debug)]
 pub struct MappedFile {
-    map: Option<Mmap>,
+    backing: Backing,
 }
 
 impl MappedFile {
-    /// Maps the file at `path` read-only.
+    /// Maps the file at `path` read-only, or reads it if it is small.
     ///
     /// # Safety
     ///
@@ -29,38 +46,87 @@ impl MappedFile {
     ///
     /// # Errors
     ///
-    /// Any error from opening, inspecting or mapping the file.
+    /// Any error from opening, inspecting, reading or mapping the file.
     pub unsafe fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
-        if file.metadata()?.len() == 0 {
-            return Ok(MappedFile { map: None });
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(MappedFile::empty());
+        }
+        if len <= READ_LIMIT {
+            // A file that grew since the size was taken is read as far as it goes: the result
+            // is what a map made a moment later would show.
+            let mut bytes = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut bytes)?;
+            let backing = if bytes.is_empty() {
+                Backing::Empty
+            } else {
+                Backing::Read(bytes.into_boxed_slice())
+            };
+            return Ok(MappedFile { backing });
         }
         // SAFETY: the file is opened read-only and mapped privately for reading; the caller
         // guarantees, per this function's contract, that it is neither truncated nor
         // modified while the map lives.
         let map = unsafe { Mmap::map(&file)? };
-        Ok(MappedFile { map: Some(map) })
+        Ok(MappedFile {
+            backing: Backing::Mapped(map),
+        })
     }
 
     /// A map of nothing, standing for an empty or absent file.
     pub fn empty() -> Self {
-        MappedFile { map: None }
+        MappedFile {
+            backing: Backing::Empty,
+        }
     }
 
     /// The file's bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match &self.backing {
+            Backing::Empty => &[],
+            Backing::Read(bytes) => bytes,
+            Backing::Mapped(map) => map,
+        }
     }
 
-    /// Hints the kernel that the whole file will be read soon (`MADV_WILLNEED`).
+    /// Hints the kernel that the whole file will be read soon (`MADV_WILLNEED`); a file that
+    /// was read is in memory already.
     ///
     /// # Errors
     ///
     /// The error from `madvise`.
     pub fn will_need(&self) -> io::Result<()> {
-        match &self.map {
-            Some(map) => map.advise(memmap2::Advice::WillNeed),
-            None => Ok(()),
+        match &self.backing {
+            Backing::Mapped(map) => map.advise(memmap2::Advice::WillNeed),
+            Backing::Empty | Backing::Read(_) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(bytes: &[u8]) -> MappedFile {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("image");
+        std::fs::write(&path, bytes).expect("write");
+        // SAFETY: the file lives in a private temporary directory nothing else writes to.
+        unsafe { MappedFile::open(&path) }.expect("open")
+    }
+
+    #[test]
+    fn small_large_and_empty_files_give_their_bytes() {
+        assert_eq!(open(b"").bytes(), b"");
+        assert_eq!(open(b"inventory").bytes(), b"inventory");
+        let large: Vec<u8> = (0..READ_LIMIT as usize * 3).map(|i| i as u8).collect();
+        let file = open(&large);
+        assert!(matches!(file.backing, Backing::Mapped(_)));
+        assert_eq!(file.bytes(), &large[..]);
+        let edge = vec![7u8; READ_LIMIT as usize];
+        let file = open(&edge);
+        assert!(matches!(file.backing, Backing::Read(_)));
+        assert_eq!(file.bytes(), &edge[..]);
     }
 }
