@@ -23,7 +23,10 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::rpc::messages::{CgMode, CgroupRoot, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
+use crate::mounts::{self, MountError};
+use crate::rpc::messages::{
+    CgMode, CgroupRoot, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace,
+};
 use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError, Version};
 
 /// `CLONE_NEWNET`, the one namespace `--empty-ns` accepts.
@@ -108,9 +111,20 @@ pub enum RestoreError {
         #[source]
         source: io::Error,
     },
+    /// The rootfs's mount points could not be prepared.
+    #[error(transparent)]
+    Mounts(#[from] MountError),
     /// CRIU failed.
     #[error(transparent)]
     Criu(#[from] RpcError),
+    /// This host cannot do what an option asks.
+    #[error("{what} is not possible here: {why}")]
+    Unsupported {
+        /// The option.
+        what: &'static str,
+        /// Why not.
+        why: &'static str,
+    },
     /// CRIU reported success without saying which process it restored.
     #[error("CRIU reported a successful restore but no pid for the container's init")]
     NoPid,
@@ -191,7 +205,7 @@ impl Cleanup {
         }
         self.release_root();
         for cgroup in self.cgroups.drain(..).rev() {
-            let _ = fs::remove_dir(cgroup);
+            remove_cgroup(&cgroup);
         }
         if let Some(dir) = self.state_dir.take() {
             let _ = fs::remove_dir_all(dir);
@@ -203,6 +217,52 @@ impl Cleanup {
         if let Some(root) = self.criu_root.take() {
             let _ = umount2(&root, MntFlags::MNT_DETACH);
             let _ = fs::remove_dir(root);
+        }
+    }
+}
+
+/// Removes a cgroup this restore created, killing what is left in it first.
+///
+/// After a failed restore the cgroup can still hold tasks CRIU had forked: CRIU kills them,
+/// but with `rst_sibling` the root task is this process's child, and until it is reaped a
+/// v1 cgroup counts it and refuses to go (`EBUSY`). Anything in a cgroup the restore created
+/// belongs to the container, so it is killed, every exited child is reaped, and the removal
+/// is retried for a short while.
+fn remove_cgroup(cgroup: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // Only a real pid: kill(-1) or kill(0) would signal far more than the container.
+            if pid > 1 {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        reap_exited_children();
+        match fs::remove_dir(cgroup) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e)
+                if e.raw_os_error() == Some(nix::libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => {
+                tracing::warn!(cgroup = %cgroup.display(), "cannot remove the cgroup: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Reaps every child that has exited, without waiting for the others.
+fn reap_exited_children() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
         }
     }
 }
@@ -279,9 +339,9 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     let descriptors = read_descriptors(&options.image_path)?;
     let rootfs = rootfs(&spec, &options.bundle, &config_path)?;
 
-    let (state_dir, criu_root) = prepare_state(options, &rootfs, cleanup)?;
+    let (state_dir, criu_root) = prepare_state(options, &spec, &rootfs, cleanup)?;
 
-    let mut opts = criu_options(options, &spec, &criu_root, &descriptors)?;
+    let mut opts = criu_options(options, &spec, &rootfs, &criu_root, &descriptors)?;
     let namespaces = namespace_files(&spec, &config_path, &mut opts)?;
     let cgroups = Cgroups::plan(&spec, &options.id)?;
     opts.cg_root = cgroups.roots();
@@ -323,7 +383,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         pid: None,
     };
     let criu = Criu::new(&options.criu);
-    require_versions(&criu, options)?;
+    require_versions(&criu, options, &spec)?;
     tracing::debug!(
         container = %options.id,
         images = %options.image_path.display(),
@@ -377,9 +437,11 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
 }
 
 /// Creates the container's state directory (which doubles as the lock: creating it fails if
-/// the id is taken) and mounts the rootfs at the CRIU root inside it. Returns both paths.
+/// the id is taken), creates the mount points CRIU restores mounts on, and mounts the rootfs
+/// at the CRIU root inside the state directory. Returns both paths.
 fn prepare_state(
     options: &Options,
+    spec: &Spec,
     rootfs: &Path,
     cleanup: &mut Cleanup,
 ) -> Result<(PathBuf, PathBuf), RestoreError> {
@@ -395,6 +457,10 @@ fn prepare_state(
         }
         Err(e) => return Err(io_error("create", &state_dir)(e)),
     }
+
+    // Before the CRIU root is mounted, so the bind mounts made for the time of preparation
+    // never show in it.
+    mounts::create_mountpoints(rootfs, spec.mounts().as_deref().unwrap_or_default())?;
 
     // CRIU needs the root to be a mount point whose parent is not overmounted (runc does the
     // same, at the same place).
@@ -457,9 +523,17 @@ fn record_state(
     write_state(state_dir, &state)
 }
 
-/// The CRIU versions options need, as runc checks them: named with the version found and the
-/// one needed, before anything is restored.
-fn require_versions(criu: &Criu, options: &Options) -> Result<(), RestoreError> {
+/// Checks, before anything is restored, that this CRIU can do what was asked: the versions
+/// runc requires for the LSM options and for external namespaces, each named with the
+/// version found and the one needed, and kernel support for `--lazy-pages` (which runc leaves
+/// to CRIU to discover halfway through the restore).
+fn require_versions(criu: &Criu, options: &Options, spec: &Spec) -> Result<(), RestoreError> {
+    let namespace_path = |kind: LinuxNamespaceType| {
+        spec.linux()
+            .iter()
+            .flat_map(|l| l.namespaces().iter().flatten())
+            .any(|ns| ns.typ() == kind && ns.path().is_some())
+    };
     let needs = [
         (
             options.lsm_profile.is_some(),
@@ -471,10 +545,48 @@ fn require_versions(criu: &Criu, options: &Options) -> Result<(), RestoreError> 
             Version::new(3, 16, 0),
             "--lsm-mount-context",
         ),
+        (
+            namespace_path(LinuxNamespaceType::Network),
+            Version::new(3, 11, 0),
+            "restoring into the network namespace path of config.json",
+        ),
+        (
+            namespace_path(LinuxNamespaceType::Pid),
+            Version::new(3, 15, 0),
+            "restoring into the pid namespace path of config.json",
+        ),
     ];
-    for (wanted, version, option) in needs {
-        if wanted {
-            criu.require(version, option)?;
+    let mut found = None;
+    for (wanted, needed, what) in needs {
+        if !wanted {
+            continue;
+        }
+        let version = match found {
+            Some(version) => version,
+            None => *found.insert(criu.version()?),
+        };
+        if version < needed {
+            return Err(RpcError::TooOld {
+                what: what.to_owned(),
+                needed,
+                found: version,
+                path: criu.path().to_path_buf(),
+            }
+            .into());
+        }
+    }
+
+    if options.lazy_pages {
+        let asked = CriuFeatures {
+            lazy_pages: Some(true),
+            ..Default::default()
+        };
+        if criu.check_features(asked)?.lazy_pages != Some(true) {
+            return Err(RestoreError::Unsupported {
+                what: "--lazy-pages",
+                why: "this kernel has no userfaultfd support for lazy pages (CRIU's \
+                      feature check said no)",
+            });
         }
     }
     Ok(())
@@ -510,6 +622,7 @@ fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreE
 fn criu_options(
     options: &Options,
     spec: &Spec,
+    rootfs: &Path,
     criu_root: &Path,
     descriptors: &[String],
 ) -> Result<CriuOpts, RestoreError> {
@@ -548,14 +661,11 @@ fn criu_options(
     };
     for m in spec.mounts().iter().flatten() {
         let destination = m.destination().display().to_string();
-        let is_bind = m.typ().as_deref() == Some("bind")
-            || m.options()
-                .iter()
-                .flatten()
-                .any(|o| o == "bind" || o == "rbind");
-        if is_bind {
+        if mounts::is_bind(m) {
+            // runc keyed the mount by its destination with symlinks resolved at dump.
+            let key = mounts::resolve_in_root(rootfs, m.destination())?;
             if let Some(source) = m.source() {
-                external(&destination, source);
+                external(&key.display().to_string(), source);
             }
         } else if m.typ().as_deref() == Some("cgroup") {
             for (mount_point, _, _) in cgroup_mounts()?.into_iter().filter(|(_, _, v2)| !v2) {

@@ -2,8 +2,10 @@
 //!
 //! [`rpc`] drives CRIU over its RPC protocol; [`container`] sets a runc container up around
 //! it (bundle, mounts, namespaces, cgroups, stdio, console) and records its state;
-//! [`lifecycle`] keeps a foreground container company until it exits.
+//! [`mounts`] prepares the rootfs's mount points; [`lifecycle`] keeps a foreground container
+//! company until it exits.
 
 pub mod container;
 pub mod lifecycle;
+pub mod mounts;
 pub mod rpc;

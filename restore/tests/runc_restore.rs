@@ -4,6 +4,7 @@
 //! made from is recreated under /tmp/criu-fixtures by `fixtures/make-fixtures --prepare-only`.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, Once};
@@ -15,6 +16,7 @@ use nix::unistd::{Pid, geteuid};
 
 const BUNDLE: &str = "/tmp/criu-fixtures/runc-busybox";
 const CGROUP: &str = "criu-fixture-runc-busybox";
+const TERMINAL_CGROUP: &str = "criu-fixture-runc-terminal";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -118,7 +120,10 @@ fn destroy(pid: i32, state: &Path) {
             sleep(Duration::from_millis(20));
         }
     }
-    for dir in cgroup_dirs() {
+    for dir in cgroup_dirs()
+        .into_iter()
+        .chain(cgroup_dirs_named(TERMINAL_CGROUP))
+    {
         let _ = fs::remove_dir(dir);
     }
     let _ = fs::remove_dir_all(state);
@@ -335,6 +340,23 @@ fn failures_are_clear_and_leave_nothing_behind() {
         .output()
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
+    for bad in [
+        &["--empty-ns", "ipc"][..],
+        &["--log-format", "xml"],
+        &["--no-such-flag"],
+    ] {
+        let output = scratch.restore("broken", bad).output().expect("runs");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            !state.join("broken").exists(),
+            "{bad:?} left its state directory"
+        );
+    }
     let output = Command::new(env!("CARGO_BIN_EXE_restore"))
         .arg("--lsm-mount-context")
         .output()
@@ -502,61 +524,102 @@ fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-#[test]
-fn bind_mounts_are_restored_from_their_host_source() {
-    if !ready() {
-        return;
-    }
-    if !Command::new("runc")
+fn runc_installed() -> bool {
+    let installed = Command::new("runc")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
-    {
+        .is_ok_and(|o| o.status.success());
+    if !installed {
         println!("skipped: runc is not installed (run tools/install-deps)");
-        return;
     }
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let bundle = dir.path().join("bundle");
-    let data = dir.path().join("data");
-    fs::create_dir_all(&data).expect("bind source");
-    fs::create_dir_all(&bundle).expect("bundle");
-    let copied = Command::new("cp")
-        .args(["-a", "/tmp/criu-fixtures/runc-busybox/rootfs"])
-        .arg(bundle.join("rootfs"))
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(copied, "copy the rootfs");
-    fs::create_dir_all(bundle.join("rootfs/data")).expect("mount point");
+    installed
+}
 
-    // The fixture's config with a bind mount, its own cgroup and a loop writing through it.
-    let mut config: serde_json::Value = serde_json::from_slice(
-        &fs::read(workspace().join("fixtures/runc-busybox.config.json")).expect("config"),
-    )
-    .expect("config is JSON");
-    config["process"]["args"] = serde_json::json!([
-        "/bin/sh",
-        "-c",
-        "i=0; while :; do i=$((i+1)); echo $i > /data/counter; sleep 0.1; done"
-    ]);
-    config["linux"]["cgroupsPath"] = serde_json::json!("/criu-restore-bind-test");
-    config["mounts"]
-        .as_array_mut()
-        .expect("mounts")
-        .push(serde_json::json!({
-            "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
-        }));
-    fs::write(bundle.join("config.json"), config.to_string()).expect("write config");
+/// A container run by runc from a copy of the busybox bundle and checkpointed by runc, for
+/// checkpoints the committed fixtures cannot hold (host paths, named namespaces). Its cgroups
+/// are removed when it is dropped.
+struct RuncCheckpoint {
+    dir: tempfile::TempDir,
+    cgroup: String,
+}
 
-    let runc_root = dir.path().join("runc");
-    // runc's errors go to a file: a detached container keeps runc's stdio open, so reading
-    // them from a pipe would wait for the container to end.
-    let runc_errors = dir.path().join("runc.err");
-    let runc = |args: &[&str]| {
-        let errors = fs::File::create(&runc_errors).expect("runc error file");
+impl RuncCheckpoint {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.path("bundle/rootfs")
+    }
+
+    /// Runs the fixture's container as `name`, with its config and rootfs first changed by
+    /// `edit`, and checkpoints it. The container has the cgroup `/<name>` of its own.
+    fn make(name: &str, edit: impl FnOnce(&Path, &mut serde_json::Value)) -> RuncCheckpoint {
+        let checkpoint = RuncCheckpoint {
+            dir: tempfile::tempdir().expect("temp dir"),
+            cgroup: name.to_owned(),
+        };
+        let bundle = checkpoint.path("bundle");
+        fs::create_dir_all(&bundle).expect("bundle");
+        let copied = Command::new("cp")
+            .args(["-a", "/tmp/criu-fixtures/runc-busybox/rootfs"])
+            .arg(checkpoint.rootfs())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(copied, "copy the rootfs");
+
+        let mut config: serde_json::Value = serde_json::from_slice(
+            &fs::read(workspace().join("fixtures/runc-busybox.config.json")).expect("config"),
+        )
+        .expect("config is JSON");
+        config["linux"]["cgroupsPath"] = serde_json::json!(format!("/{name}"));
+        edit(&checkpoint.rootfs(), &mut config);
+        fs::write(bundle.join("config.json"), config.to_string()).expect("write config");
+
+        // The container's stdio must be /dev/null: runc cannot checkpoint stdio on a file
+        // outside the container, so runc's errors are not kept here.
+        let ran = Command::new("runc")
+            .arg("--root")
+            .arg(checkpoint.path("runc"))
+            .args([
+                "run",
+                "-d",
+                "--bundle",
+                bundle.to_str().expect("utf-8"),
+                name,
+            ])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ran, "runc run failed");
+        sleep(Duration::from_millis(500));
+        let images = checkpoint.path("images");
+        let work = checkpoint.path("dump-work");
+        let (dumped, errors) = checkpoint.runc(&[
+            "checkpoint",
+            "--image-path",
+            images.to_str().expect("utf-8"),
+            "--work-path",
+            work.to_str().expect("utf-8"),
+            name,
+        ]);
+        let _ = checkpoint.runc(&["delete", "-f", name]);
+        checkpoint.remove_cgroups();
+        assert!(dumped, "runc checkpoint: {errors}");
+        checkpoint
+    }
+
+    /// Runs runc with its own state root; its errors go to a file, because a detached
+    /// container keeps runc's stdio open and a pipe would wait for the container to end.
+    fn runc(&self, args: &[&str]) -> (bool, String) {
+        let errors_path = self.path("runc.err");
+        let errors = fs::File::create(&errors_path).expect("runc error file");
         let status = Command::new("runc")
             .arg("--root")
-            .arg(&runc_root)
+            .arg(self.path("runc"))
             .args(args)
             .current_dir("/")
             .stdin(Stdio::null())
@@ -566,86 +629,354 @@ fn bind_mounts_are_restored_from_their_host_source() {
             .expect("runc runs");
         (
             status.success(),
-            fs::read_to_string(&runc_errors).unwrap_or_default(),
+            fs::read_to_string(&errors_path).unwrap_or_default(),
         )
-    };
-    let bundle_arg = bundle.to_str().expect("utf-8");
-    let images = dir.path().join("images");
-    let images_arg = images.to_str().expect("utf-8");
-    let work_arg = dir.path().join("dump-work");
-    // The container's stdio must be /dev/null: runc cannot checkpoint stdio on a file outside
-    // the container.
-    let ran = Command::new("runc")
-        .arg("--root")
-        .arg(&runc_root)
-        .args(["run", "-d", "--bundle", bundle_arg, "bind-source"])
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ran, "runc run failed");
-    sleep(Duration::from_millis(500));
-    let (dumped, errors) = runc(&[
-        "checkpoint",
-        "--image-path",
-        images_arg,
-        "--work-path",
-        work_arg.to_str().expect("utf-8"),
-        "bind-source",
-    ]);
-    let _ = runc(&["delete", "-f", "bind-source"]);
-    for cgroup in cgroup_dirs_named("criu-restore-bind-test") {
-        let _ = fs::remove_dir(cgroup);
     }
-    assert!(dumped, "runc checkpoint: {errors}");
 
-    let state = dir.path().join("state");
-    let output = Command::new(env!("CARGO_BIN_EXE_restore"))
-        .arg("--root")
-        .arg(&state)
-        .args([
-            "--bundle",
-            bundle_arg,
-            "--image-path",
-            images_arg,
-            "-d",
-            "--pid-file",
-        ])
-        .arg(dir.path().join("pid"))
-        .arg("bind-restored")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.path().join("restore.err")).expect("error file"))
-        .status()
-        .expect("restore runs");
-    let restore_errors = fs::read_to_string(dir.path().join("restore.err")).unwrap_or_default();
-    let pid: i32 = fs::read_to_string(dir.path().join("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
+    /// Restores the checkpoint detached as `id`; returns whether `restore` succeeded, its
+    /// stderr, and the pid it wrote (-1 for none).
+    fn restore(&self, id: &str, extra: &[&str]) -> (bool, String, i32) {
+        let errors_path = self.path("restore.err");
+        let _ = fs::remove_file(self.path("pid"));
+        let status = Command::new(env!("CARGO_BIN_EXE_restore"))
+            .arg("--root")
+            .arg(self.path("state"))
+            .arg("--bundle")
+            .arg(self.path("bundle"))
+            .arg("--image-path")
+            .arg(self.path("images"))
+            .args(["-d", "--pid-file"])
+            .arg(self.path("pid"))
+            .args(extra)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&errors_path).expect("error file"))
+            .status()
+            .expect("restore runs");
+        let pid = fs::read_to_string(self.path("pid"))
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(-1);
+        (
+            status.success(),
+            fs::read_to_string(&errors_path).unwrap_or_default(),
+            pid,
+        )
+    }
+
+    /// Kills a restored container and waits until it is gone.
+    fn kill(&self, pid: i32) {
+        if pid > 1 {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                sleep(Duration::from_millis(20));
+            }
+        }
+        self.remove_cgroups();
+    }
+
+    fn remove_cgroups(&self) {
+        for cgroup in cgroup_dirs_named(&self.cgroup) {
+            let _ = fs::remove_dir(cgroup);
+        }
+    }
+}
+
+impl Drop for RuncCheckpoint {
+    fn drop(&mut self) {
+        self.remove_cgroups();
+    }
+}
+
+/// A number the container's loop writes to `path`, read twice some time apart.
+fn counts(path: &Path) -> (Option<u64>, Option<u64>) {
     let read = || {
-        fs::read_to_string(data.join("counter"))
+        fs::read_to_string(path)
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
     };
     let before = read();
     sleep(Duration::from_millis(600));
-    let after = read();
-    if pid > 1 {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            sleep(Duration::from_millis(20));
-        }
-    }
-    for cgroup in cgroup_dirs_named("criu-restore-bind-test") {
-        let _ = fs::remove_dir(cgroup);
-    }
+    (before, read())
+}
 
-    assert!(output.success(), "restore: {restore_errors}");
+#[test]
+fn bind_mounts_are_restored_from_their_host_source() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    let _serial = serial();
+    let host = tempfile::tempdir().expect("temp dir");
+    let data = host.path().join("data");
+    let marker = host.path().join("marker");
+    fs::create_dir_all(&data).expect("bind source");
+    fs::write(&marker, "from the host\n").expect("file bind source");
+
+    // The directory mount goes through an absolute symlink inside the rootfs, which must be
+    // resolved inside the rootfs as runc resolved it at dump; the file mount is a file.
+    let checkpoint = RuncCheckpoint::make("criu-restore-bind-test", |rootfs, config| {
+        fs::create_dir_all(rootfs.join("srv")).expect("srv");
+        std::os::unix::fs::symlink("/srv", rootfs.join("volumes")).expect("symlink");
+        config["process"]["args"] = serde_json::json!([
+            "/bin/sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /volumes/data/counter; sleep 0.1; done"
+        ]);
+        let mounts = config["mounts"].as_array_mut().expect("mounts");
+        mounts.push(serde_json::json!({
+            "destination": "/volumes/data", "type": "bind", "source": data,
+            "options": ["rbind", "rw"]
+        }));
+        mounts.push(serde_json::json!({
+            "destination": "/etc/marker", "type": "bind", "source": marker,
+            "options": ["bind", "ro"]
+        }));
+    });
+
+    // A rootfs without the mount points runc made at start: restore must make them again.
+    let rootfs = checkpoint.rootfs();
+    fs::remove_dir(rootfs.join("srv/data")).expect("remove the directory mount point");
+    fs::remove_file(rootfs.join("etc/marker")).expect("remove the file mount point");
+
+    let (restored, errors, pid) = checkpoint.restore("bind-restored", &[]);
+    let (before, after) = counts(&data.join("counter"));
+    let marker_seen = fs::read_to_string(format!("/proc/{pid}/root/etc/marker")).ok();
+    checkpoint.kill(pid);
+
+    assert!(restored, "restore: {errors}");
     assert!(
         after > before,
         "the restored loop writes through the bind mount ({before:?} then {after:?})"
+    );
+    assert_eq!(marker_seen.as_deref(), Some("from the host\n"));
+    assert!(rootfs.join("srv/data").is_dir(), "a directory mount point");
+    assert!(rootfs.join("etc/marker").is_file(), "a file mount point");
+}
+
+#[test]
+fn a_missing_bind_source_fails_before_criu_and_leaves_nothing() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    let _serial = serial();
+    let host = tempfile::tempdir().expect("temp dir");
+    let data = host.path().join("data");
+    fs::create_dir_all(&data).expect("bind source");
+    let checkpoint = RuncCheckpoint::make("criu-restore-source-test", |_, config| {
+        config["mounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(serde_json::json!({
+                "destination": "/data", "type": "bind", "source": data, "options": ["rbind"]
+            }));
+    });
+    fs::remove_dir(&data).expect("remove the source");
+
+    let (restored, errors, pid) = checkpoint.restore("source-missing", &[]);
+    checkpoint.kill(pid);
+
+    assert!(!restored);
+    assert!(
+        errors.contains(&format!(
+            "bind mount source {} of /data is missing",
+            data.display()
+        )),
+        "{errors}"
+    );
+    assert!(!checkpoint.path("state/source-missing").exists());
+    assert!(!mounted_below(&checkpoint.path("state")));
+    assert_eq!(
+        cgroup_dirs_named("criu-restore-source-test"),
+        Vec::<PathBuf>::new()
+    );
+}
+
+#[test]
+fn a_network_namespace_path_is_restored_into() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    if !Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("skipped: ip (iproute2) is not installed");
+        return;
+    }
+    let _serial = serial();
+    let name = "criu-restore-test";
+    let _ = Command::new("ip")
+        .args(["netns", "delete", name])
+        .stderr(Stdio::null())
+        .status();
+    let added = Command::new("ip")
+        .args(["netns", "add", name])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(added, "ip netns add");
+    let netns = PathBuf::from(format!("/run/netns/{name}"));
+
+    // runc checkpoints a container in a named network namespace as external, and restore
+    // must hand the same namespace back to CRIU under runc's key.
+    let checkpoint = RuncCheckpoint::make("criu-restore-netns-test", |_, config| {
+        let namespaces = config["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces");
+        namespaces.retain(|ns| ns["type"] != "network");
+        namespaces.push(serde_json::json!({"type": "network", "path": netns}));
+    });
+    let (restored, errors, pid) = checkpoint.restore("netns-restored", &[]);
+    let theirs = fs::metadata(format!("/proc/{pid}/ns/net"))
+        .map(|m| m.ino())
+        .ok();
+    let wanted = fs::metadata(&netns).map(|m| m.ino()).ok();
+    let state = fs::read_to_string(checkpoint.path("state/netns-restored/state.json"));
+    checkpoint.kill(pid);
+    let _ = Command::new("ip").args(["netns", "delete", name]).status();
+
+    assert!(restored, "restore: {errors}");
+    assert!(wanted.is_some());
+    assert_eq!(theirs, wanted, "the container is in the named namespace");
+    let state: serde_json::Value =
+        serde_json::from_str(&state.expect("state.json")).expect("state is JSON");
+    assert_eq!(
+        state["namespace_paths"]["network"],
+        netns.display().to_string()
+    );
+}
+
+#[test]
+fn corrupt_images_fail_in_criu_with_its_message_and_leave_nothing() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let core = scratch.path("images/core-1.img");
+    let bytes = fs::read(&core).expect("core image");
+    fs::write(&core, &bytes[..bytes.len() / 2]).expect("truncate the core image");
+
+    let output = scratch
+        .restore("corrupt", &["-d", "--pid-file", "pid"])
+        .output()
+        .expect("runs");
+    let errors = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{errors}");
+    assert!(errors.contains("CRIU"), "{errors}");
+    assert!(errors.contains("restore.log"), "the log is named: {errors}");
+    assert!(!scratch.path("pid").exists(), "no pid file");
+    assert!(!scratch.path("state/corrupt").exists(), "no state");
+    assert!(!mounted_below(&scratch.path("state")), "no CRIU root");
+    assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new(), "no cgroups");
+}
+
+#[test]
+fn auto_dedup_consumes_the_pages_it_restores() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let pages = scratch.path("images/pages-1.img");
+    let size = fs::metadata(&pages).expect("pages").len();
+    assert!(
+        fs::read(&pages).expect("pages").iter().any(|&b| b != 0),
+        "the fixture has data"
+    );
+
+    let output = scratch
+        .restore("dedup", &["-d", "--auto-dedup", "--pid-file", "pid"])
+        .output()
+        .expect("runs");
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let first = counter();
+    sleep(Duration::from_millis(700));
+    let running = counter() > first;
+    destroy(pid, &scratch.path("state"));
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(running, "the container runs on");
+    let after = fs::read(&pages).expect("pages");
+    assert_eq!(after.len() as u64, size, "the file keeps its size");
+    assert!(
+        after.iter().all(|&b| b == 0),
+        "its restored pages are punched out"
+    );
+}
+
+#[test]
+fn lazy_pages_are_served_by_a_lazy_pages_daemon() {
+    if !ready() {
+        return;
+    }
+    if !Path::new("/dev/userfaultfd").exists() {
+        println!("skipped: no /dev/userfaultfd on this kernel");
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let work = scratch.path("work");
+    fs::create_dir_all(&work).expect("work dir");
+    let mut daemon = Command::new("criu")
+        .arg("lazy-pages")
+        .arg("--images-dir")
+        .arg(scratch.path("images"))
+        .arg("--work-dir")
+        .arg(&work)
+        .args(["-o", "lazy-pages.log", "-v4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("criu lazy-pages starts");
+    let socket = work.join("lazy-pages.socket");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+
+    let output = scratch
+        .restore("lazy", &["-d", "--lazy-pages", "--pid-file", "pid"])
+        .output()
+        .expect("runs");
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let first = counter();
+    sleep(Duration::from_millis(700));
+    let running = counter() > first;
+    // The daemon exits by itself once it has delivered every page.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let daemon_status = loop {
+        if let Ok(Some(status)) = daemon.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            break None;
+        }
+        sleep(Duration::from_millis(50));
+    };
+    let log = fs::read_to_string(work.join("lazy-pages.log")).unwrap_or_default();
+    destroy(pid, &scratch.path("state"));
+
+    assert!(
+        socket.exists() || daemon_status.is_some(),
+        "the daemon made its socket"
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(running, "the lazily restored container runs on");
+    assert!(
+        daemon_status.is_some_and(|s| s.success()),
+        "the daemon finished serving pages ({daemon_status:?}): {}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
     );
 }
