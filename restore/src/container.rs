@@ -838,11 +838,11 @@ impl Cgroups {
         Ok(Cgroups { dirs })
     }
 
-    /// The cgroup roots CRIU restores into, one per v1 hierarchy.
+    /// The cgroup roots CRIU restores into, one per hierarchy. The v2 hierarchy is named by
+    /// the empty controller, which is how CRIU matches it (and how runc passes it).
     fn roots(&self) -> Vec<CgroupRoot> {
         self.dirs
             .iter()
-            .filter(|(controllers, _, _)| !controllers.is_empty())
             .map(|(controllers, _, relative)| CgroupRoot {
                 ctrl: Some(controllers.join(",")),
                 path: relative.clone(),

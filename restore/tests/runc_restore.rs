@@ -980,3 +980,33 @@ fn lazy_pages_are_served_by_a_lazy_pages_daemon() {
         log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
     );
 }
+
+#[test]
+fn a_changed_cgroups_path_is_restored_into_in_every_hierarchy() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    let _serial = serial();
+    let checkpoint = RuncCheckpoint::make("criu-restore-cgroup-old", |_, _| {});
+    let config_path = checkpoint.path("bundle/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(&config_path).expect("config")).expect("JSON");
+    config["linux"]["cgroupsPath"] = serde_json::json!("/criu-restore-cgroup-new");
+    fs::write(&config_path, config.to_string()).expect("write config");
+
+    let (restored, errors, pid) = checkpoint.restore("cgroup-moved", &[]);
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    checkpoint.kill(pid);
+    for cgroup in cgroup_dirs_named("criu-restore-cgroup-new") {
+        let _ = fs::remove_dir(cgroup);
+    }
+
+    assert!(restored, "restore: {errors}");
+    assert!(!cgroups.is_empty());
+    for line in cgroups.lines() {
+        assert!(
+            line.ends_with(":/criu-restore-cgroup-new"),
+            "every hierarchy, the v2 one too: {cgroups}"
+        );
+    }
+}
