@@ -541,9 +541,37 @@ fn runc_installed() -> bool {
 struct RuncCheckpoint {
     dir: tempfile::TempDir,
     cgroup: String,
+    v2_only: bool,
+}
+
+/// A v2-only view of cgroups on a host that also has v1 hierarchies: the command runs in a
+/// mount namespace of its own where `/sys/fs/cgroup` is the v2 hierarchy and nothing else,
+/// which is what runc and CRIU look at to tell the cgroup version.
+fn in_v2_only_view(program: &str) -> Command {
+    let mut command = Command::new("unshare");
+    command.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"",
+        "v2-only",
+        program,
+    ]);
+    command
 }
 
 impl RuncCheckpoint {
+    /// `program`, run in the v2-only view when the checkpoint was made in it.
+    fn command(&self, program: &str) -> Command {
+        if self.v2_only {
+            in_v2_only_view(program)
+        } else {
+            Command::new(program)
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -555,9 +583,20 @@ impl RuncCheckpoint {
     /// Runs the fixture's container as `name`, with its config and rootfs first changed by
     /// `edit`, and checkpoints it. The container has the cgroup `/<name>` of its own.
     fn make(name: &str, edit: impl FnOnce(&Path, &mut serde_json::Value)) -> RuncCheckpoint {
+        RuncCheckpoint::make_in(false, name, edit)
+    }
+
+    /// [`RuncCheckpoint::make`], in the v2-only view of cgroups when `v2_only` is set; runc
+    /// and `restore` then run in it too.
+    fn make_in(
+        v2_only: bool,
+        name: &str,
+        edit: impl FnOnce(&Path, &mut serde_json::Value),
+    ) -> RuncCheckpoint {
         let checkpoint = RuncCheckpoint {
             dir: tempfile::tempdir().expect("temp dir"),
             cgroup: name.to_owned(),
+            v2_only,
         };
         let bundle = checkpoint.path("bundle");
         fs::create_dir_all(&bundle).expect("bundle");
@@ -578,7 +617,8 @@ impl RuncCheckpoint {
 
         // The container's stdio must be /dev/null: runc cannot checkpoint stdio on a file
         // outside the container, so runc's errors are not kept here.
-        let ran = Command::new("runc")
+        let ran = checkpoint
+            .command("runc")
             .arg("--root")
             .arg(checkpoint.path("runc"))
             .args([
@@ -617,7 +657,8 @@ impl RuncCheckpoint {
     fn runc(&self, args: &[&str]) -> (bool, String) {
         let errors_path = self.path("runc.err");
         let errors = fs::File::create(&errors_path).expect("runc error file");
-        let status = Command::new("runc")
+        let status = self
+            .command("runc")
             .arg("--root")
             .arg(self.path("runc"))
             .args(args)
@@ -636,15 +677,21 @@ impl RuncCheckpoint {
     /// Restores the checkpoint detached as `id`; returns whether `restore` succeeded, its
     /// stderr, and the pid it wrote (-1 for none).
     fn restore(&self, id: &str, extra: &[&str]) -> (bool, String, i32) {
+        self.restore_from(&self.path("images"), id, extra)
+    }
+
+    /// [`RuncCheckpoint::restore`] from the images in `images`.
+    fn restore_from(&self, images: &Path, id: &str, extra: &[&str]) -> (bool, String, i32) {
         let errors_path = self.path("restore.err");
         let _ = fs::remove_file(self.path("pid"));
-        let status = Command::new(env!("CARGO_BIN_EXE_restore"))
+        let status = self
+            .command(env!("CARGO_BIN_EXE_restore"))
             .arg("--root")
             .arg(self.path("state"))
             .arg("--bundle")
             .arg(self.path("bundle"))
             .arg("--image-path")
-            .arg(self.path("images"))
+            .arg(images)
             .args(["-d", "--pid-file"])
             .arg(self.path("pid"))
             .args(extra)
@@ -1009,4 +1056,82 @@ fn a_changed_cgroups_path_is_restored_into_in_every_hierarchy() {
             "every hierarchy, the v2 one too: {cgroups}"
         );
     }
+}
+
+/// The host's v2 hierarchy: where it is mounted and whether it is the only one.
+fn cgroup_v2_mount() -> Option<(PathBuf, bool)> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    fn fs_type(line: &str) -> Option<&str> {
+        line.split(" - ").nth(1)?.split_whitespace().next()
+    }
+    let v1 = mounts.lines().any(|l| fs_type(l) == Some("cgroup"));
+    mounts
+        .lines()
+        .find(|l| fs_type(l) == Some("cgroup2"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .map(|mount_point| (PathBuf::from(mount_point), !v1))
+}
+
+#[test]
+fn cgroup_v2_only_restores_create_and_remove_the_v2_cgroup() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    let Some((v2_mount, v2_only_host)) = cgroup_v2_mount() else {
+        println!("skipped: this host has no cgroup v2 hierarchy");
+        return;
+    };
+    let _serial = serial();
+    // On a host with v1 hierarchies the test runs runc, CRIU and restore where only the v2
+    // hierarchy is mounted. Its controllers stay bound to v1 there, so this covers the paths,
+    // the cgroup root CRIU is given and the clean-up, not v2 resource limits.
+    let checkpoint = RuncCheckpoint::make_in(!v2_only_host, "criu-restore-v2-old", |_, _| {});
+    let config_path = checkpoint.path("bundle/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(&config_path).expect("config")).expect("JSON");
+    config["linux"]["cgroupsPath"] = serde_json::json!("/criu-restore-v2-new");
+    fs::write(&config_path, config.to_string()).expect("write config");
+    let new_cgroup = v2_mount.join("criu-restore-v2-new");
+
+    // A restore that CRIU fails takes its v2 cgroup back.
+    let corrupt = checkpoint.path("corrupt-images");
+    fs::create_dir(&corrupt).expect("corrupt copy");
+    for entry in fs::read_dir(checkpoint.path("images")).expect("images") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), corrupt.join(entry.file_name())).expect("copy image");
+    }
+    let core = corrupt.join("core-1.img");
+    let bytes = fs::read(&core).expect("core image");
+    fs::write(&core, &bytes[..bytes.len() / 2]).expect("truncate");
+    let (failed_restore, failure, _) = checkpoint.restore_from(&corrupt, "v2-broken", &[]);
+    let left_after_failure = new_cgroup.exists();
+
+    let (restored, errors, pid) = checkpoint.restore("v2-restored", &[]);
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let (before, after) = counts(&checkpoint.rootfs().join("counter"));
+    let procs = fs::read_to_string(new_cgroup.join("cgroup.procs")).unwrap_or_default();
+    checkpoint.kill(pid);
+    let _ = fs::remove_dir(&new_cgroup);
+
+    assert!(!failed_restore, "the corrupt images do not restore");
+    assert!(failure.contains("CRIU restore failed"), "{failure}");
+    assert!(
+        !left_after_failure,
+        "the failed restore left {}",
+        new_cgroup.display()
+    );
+    assert!(restored, "restore: {errors}");
+    assert!(
+        after > before,
+        "the container runs on ({before:?} then {after:?})"
+    );
+    assert!(
+        cgroups.lines().any(|l| l == "0::/criu-restore-v2-new"),
+        "in the new v2 cgroup: {cgroups}"
+    );
+    assert!(
+        procs.lines().any(|l| l.trim() == pid.to_string()),
+        "{} lists the container: {procs:?}",
+        new_cgroup.display()
+    );
 }
