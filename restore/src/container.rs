@@ -19,10 +19,11 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{Hook, LinuxNamespaceType, Spec};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::hooks::{self, HookError, HookState};
 use crate::mounts::{self, MountError};
 use crate::rpc::messages::{
     CgMode, CgroupRoot, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace,
@@ -193,6 +194,8 @@ struct Cleanup {
     criu_root: Option<PathBuf>,
     cgroups: Vec<PathBuf>,
     pid: Option<i32>,
+    /// The `poststop` hooks, once `prestart` hooks have run.
+    poststop: Option<(Vec<Hook>, HookState)>,
 }
 
 impl Cleanup {
@@ -209,6 +212,14 @@ impl Cleanup {
         }
         if let Some(dir) = self.state_dir.take() {
             let _ = fs::remove_dir_all(dir);
+        }
+        if let Some((poststop, mut state)) = self.poststop.take() {
+            state.status = "stopped";
+            state.pid = 0;
+            // The container is gone either way; a failing poststop hook cannot change that.
+            if let Err(error) = hooks::run("poststop", &poststop, &state) {
+                tracing::warn!(container = %state.id, "{error}");
+            }
         }
     }
 
@@ -375,12 +386,15 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     };
     let strict = options.cgroups_mode == CgroupsMode::Strict;
     let existing = cgroups.existing();
+    let container_hooks = ContainerHooks::from_spec(&spec, &options.id, &options.bundle);
     let mut handler = Handler {
         cgroups: &cgroups,
         strict,
         created: Vec::new(),
         console,
         pid: None,
+        hooks: &container_hooks,
+        hooks_ran: false,
     };
     let criu = Criu::new(&options.criu);
     require_versions(&criu, options, &spec)?;
@@ -394,6 +408,12 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     );
     let outcome = criu.restore(&request, &mut handler);
     cleanup.cgroups.append(&mut handler.created);
+    if handler.hooks_ran {
+        cleanup.poststop = Some((
+            container_hooks.poststop.clone(),
+            container_hooks.state.clone(),
+        ));
+    }
     if strict {
         // CRIU made them; they are the container's all the same.
         cleanup.cgroups.extend(
@@ -924,6 +944,57 @@ struct Handler<'a> {
     created: Vec<PathBuf>,
     console: Option<UnixStream>,
     pid: Option<i32>,
+    hooks: &'a ContainerHooks,
+    /// Whether the `prestart` hooks were started, so `poststop` must run in the end.
+    hooks_ran: bool,
+}
+
+/// The config's hooks that a restore runs, and the state they are given.
+struct ContainerHooks {
+    prestart: Vec<Hook>,
+    create_runtime: Vec<Hook>,
+    poststop: Vec<Hook>,
+    state: HookState,
+}
+
+impl ContainerHooks {
+    fn from_spec(spec: &Spec, id: &str, bundle: &Path) -> ContainerHooks {
+        let hooks = spec.hooks().as_ref();
+        let list = |pick: fn(&oci_spec::runtime::Hooks) -> &Option<Vec<Hook>>| {
+            hooks.and_then(|h| pick(h).clone()).unwrap_or_default()
+        };
+        // `prestart` is deprecated in favour of `createRuntime`, but runc still runs it.
+        #[allow(deprecated)]
+        let prestart = list(oci_spec::runtime::Hooks::prestart);
+        ContainerHooks {
+            prestart,
+            create_runtime: list(oci_spec::runtime::Hooks::create_runtime),
+            poststop: list(oci_spec::runtime::Hooks::poststop),
+            state: HookState {
+                oci_version: spec.version().clone(),
+                id: id.to_owned(),
+                status: "creating",
+                pid: 0,
+                bundle: bundle.to_path_buf(),
+                annotations: spec
+                    .annotations()
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+            },
+        }
+    }
+
+    /// Runs the `prestart` and `createRuntime` hooks for the restored init `pid`.
+    fn setup_namespaces(&self, pid: i32) -> Result<(), HookError> {
+        let state = HookState {
+            pid,
+            ..self.state.clone()
+        };
+        hooks::run("prestart", &self.prestart, &state)?;
+        hooks::run("createRuntime", &self.create_runtime, &state)
+    }
 }
 
 impl NotifyHandler for Handler<'_> {
@@ -944,6 +1015,11 @@ impl NotifyHandler for Handler<'_> {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         tracing::debug!(script = notification.script, pid = ?notification.pid, "CRIU notification");
         match notification.script {
+            // runc runs these hooks here: the tasks and their namespaces exist, nothing runs.
+            "setup-namespaces" => {
+                self.hooks_ran = true;
+                self.hooks.setup_namespaces(notification.pid.unwrap_or(0))?;
+            }
             "post-restore" => self.pid = notification.pid,
             "orphan-pts-master" => {
                 let (Some(console), Some(fd)) = (&self.console, notification.fd) else {

@@ -2,10 +2,11 @@
 //!
 //! [`rpc`] drives CRIU over its RPC protocol; [`container`] sets a runc container up around
 //! it (bundle, mounts, namespaces, cgroups, stdio, console) and records its state;
-//! [`mounts`] prepares the rootfs's mount points; [`lifecycle`] keeps a foreground container
-//! company until it exits.
+//! [`mounts`] prepares the rootfs's mount points; [`hooks`] runs the config's OCI hooks;
+//! [`lifecycle`] keeps a foreground container company until it exits.
 
 pub mod container;
+pub mod hooks;
 pub mod lifecycle;
 pub mod mounts;
 pub mod rpc;

@@ -1135,3 +1135,172 @@ fn cgroup_v2_only_restores_create_and_remove_the_v2_cgroup() {
         new_cgroup.display()
     );
 }
+
+/// A bundle beside the scratch checkpoint: the fixture's config with `hooks`, on the fixture's
+/// rootfs. Each hook is `record.sh PHASE [FAIL]`, which appends "PHASE STATE-JSON" to
+/// `hooks.log` and, given FAIL, fails loudly.
+fn hooked_bundle(scratch: &Scratch, hooks: serde_json::Value) -> PathBuf {
+    let bundle = scratch.path("hooked-bundle");
+    fs::create_dir_all(&bundle).expect("bundle");
+    let script = scratch.path("record.sh");
+    let log = scratch.path("hooks.log");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf '%s %s\\n' \"$1\" \"$(cat)\" >> {}\n\
+             if [ -n \"$2\" ]; then echo \"no network for you\" >&2; exit 3; fi\n",
+            log.display()
+        ),
+    )
+    .expect("hook script");
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &fs::read(Path::new(BUNDLE).join("config.json")).expect("fixture config"),
+    )
+    .expect("JSON");
+    config["root"]["path"] = serde_json::json!(format!("{BUNDLE}/rootfs"));
+    let hook = |args: &[&str]| {
+        let mut argv = vec![script.display().to_string()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        serde_json::json!({"path": script, "args": argv})
+    };
+    let mut hooks_config = serde_json::Map::new();
+    for (phase, args) in hooks.as_object().expect("phases") {
+        let args: Vec<&str> = args
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        hooks_config.insert(phase.clone(), serde_json::json!([hook(&args)]));
+    }
+    config["hooks"] = serde_json::Value::Object(hooks_config);
+    fs::write(bundle.join("config.json"), config.to_string()).expect("config");
+    bundle
+}
+
+/// The hook log as (phase, state) pairs.
+fn hook_calls(scratch: &Scratch) -> Vec<(String, serde_json::Value)> {
+    fs::read_to_string(scratch.path("hooks.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(phase, json)| {
+            (
+                phase.to_owned(),
+                serde_json::from_str(json).expect("the hook read JSON"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn hooks_run_where_runc_runs_them() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let bundle = hooked_bundle(
+        &scratch,
+        serde_json::json!({
+            "prestart": ["prestart"],
+            "createRuntime": ["createRuntime"],
+            "poststart": ["poststart"],
+            "poststop": ["poststop"]
+        }),
+    );
+    let pid_file = scratch.path("hooked.pid");
+    let mut child = scratch
+        .restore(
+            "hooked",
+            &[
+                "--bundle",
+                bundle.to_str().expect("utf-8"),
+                "--pid-file",
+                pid_file.to_str().expect("utf-8"),
+            ],
+        )
+        .spawn()
+        .expect("starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.parse::<i32>().ok())
+        {
+            break pid;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("restore exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "no pid file after 30 s");
+        sleep(Duration::from_millis(20));
+    };
+    let while_running = hook_calls(&scratch);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill the container");
+    let output = child.wait_with_output().expect("restore exits");
+    let calls = hook_calls(&scratch);
+
+    assert_eq!(output.status.code(), Some(128 + 9), "{}", stderr(&output));
+    let phases: Vec<&str> = while_running.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        phases,
+        ["prestart", "createRuntime"],
+        "no poststart on restore"
+    );
+    for (phase, state) in &while_running {
+        assert_eq!(state["id"], "hooked", "{phase}");
+        assert_eq!(state["pid"], pid, "{phase} sees the restored init");
+        assert_eq!(state["status"], "creating", "{phase}");
+        assert_eq!(state["bundle"], bundle.display().to_string(), "{phase}");
+    }
+    let phases: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(phases, ["prestart", "createRuntime", "poststop"]);
+    assert_eq!(calls[2].1["status"], "stopped");
+}
+
+#[test]
+fn a_failing_hook_aborts_the_restore_and_leaves_nothing() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let bundle = hooked_bundle(
+        &scratch,
+        serde_json::json!({
+            "createRuntime": ["createRuntime", "fail"],
+            "poststop": ["poststop"]
+        }),
+    );
+    let output = scratch
+        .restore(
+            "hook-fails",
+            &[
+                "-d",
+                "--bundle",
+                bundle.to_str().expect("utf-8"),
+                "--pid-file",
+                "pid",
+            ],
+        )
+        .output()
+        .expect("runs");
+    let errors = stderr(&output);
+    let phases: Vec<String> = hook_calls(&scratch).into_iter().map(|(p, _)| p).collect();
+
+    assert_eq!(output.status.code(), Some(1), "{errors}");
+    assert!(errors.contains("the createRuntime hook"), "{errors}");
+    assert!(errors.contains("no network for you"), "{errors}");
+    assert_eq!(
+        phases,
+        ["createRuntime", "poststop"],
+        "poststop takes it down"
+    );
+    assert!(!scratch.path("pid").exists(), "no pid file");
+    assert!(!scratch.path("state/hook-fails").exists(), "no state");
+    assert!(!mounted_below(&scratch.path("state")), "no CRIU root");
+    assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new(), "no cgroups");
+}
