@@ -243,10 +243,14 @@ mod tests {
     fn a_hook_reads_the_state_with_its_own_args_and_env() {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = dir.path().join("out");
-        let script = format!("cat > {0}; echo \" $0 $1 $HOOK_VAR\" >> {0}", out.display());
+        let script = format!(
+            "cat > {0}; argv0=$(tr '\\0' '\\n' < /proc/$$/cmdline | head -n 1); \
+             echo \" $argv0 $1 $HOOK_VAR\" >> {0}",
+            out.display()
+        );
         let hooks = [hook(serde_json::json!({
             "path": "/bin/sh",
-            "args": ["my-hook", "-c", script, "first"],
+            "args": ["my-hook", "-c", script, "zero", "first"],
             "env": ["HOOK_VAR=set"]
         }))];
         run("prestart", &hooks, &state()).expect("runs");
