@@ -19,15 +19,14 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use nix::unistd::Pid;
-use oci_spec::runtime::{Hook, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{Hook, LinuxNamespaceType, LinuxResources, Spec};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::cgroups::{self, CgroupError, Cgroups};
 use crate::hooks::{self, HookError, HookState};
 use crate::mounts::{self, MountError};
-use crate::rpc::messages::{
-    CgMode, CgroupRoot, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace,
-};
+use crate::rpc::messages::{CgMode, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
 use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError, Version};
 
 /// `CLONE_NEWNET`, the one namespace `--empty-ns` accepts.
@@ -112,6 +111,9 @@ pub enum RestoreError {
         #[source]
         source: io::Error,
     },
+    /// The container's cgroups could not be set up.
+    #[error(transparent)]
+    Cgroups(#[from] CgroupError),
     /// The rootfs's mount points could not be prepared.
     #[error(transparent)]
     Mounts(#[from] MountError),
@@ -208,7 +210,7 @@ impl Cleanup {
         }
         self.release_root();
         for cgroup in self.cgroups.drain(..).rev() {
-            remove_cgroup(&cgroup);
+            cgroups::remove(&cgroup);
         }
         if let Some(dir) = self.state_dir.take() {
             let _ = fs::remove_dir_all(dir);
@@ -228,52 +230,6 @@ impl Cleanup {
         if let Some(root) = self.criu_root.take() {
             let _ = umount2(&root, MntFlags::MNT_DETACH);
             let _ = fs::remove_dir(root);
-        }
-    }
-}
-
-/// Removes a cgroup this restore created, killing what is left in it first.
-///
-/// After a failed restore the cgroup can still hold tasks CRIU had forked: CRIU kills them,
-/// but with `rst_sibling` the root task is this process's child, and until it is reaped a
-/// v1 cgroup counts it and refuses to go (`EBUSY`). Anything in a cgroup the restore created
-/// belongs to the container, so it is killed, every exited child is reaped, and the removal
-/// is retried for a short while.
-fn remove_cgroup(cgroup: &Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // Only a real pid: kill(-1) or kill(0) would signal far more than the container.
-            if pid > 1 {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-        reap_exited_children();
-        match fs::remove_dir(cgroup) {
-            Ok(()) => return,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(e)
-                if e.raw_os_error() == Some(nix::libc::EBUSY)
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => {
-                tracing::warn!(cgroup = %cgroup.display(), "cannot remove the cgroup: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// Reaps every child that has exited, without waiting for the others.
-fn reap_exited_children() {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
         }
     }
 }
@@ -395,6 +351,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         pid: None,
         hooks: &container_hooks,
         hooks_ran: false,
+        resources: spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
     };
     let criu = Criu::new(&options.criu);
     require_versions(&criu, options, &spec)?;
@@ -688,12 +645,13 @@ fn criu_options(
                 external(&key.display().to_string(), source);
             }
         } else if m.typ().as_deref() == Some("cgroup") {
-            for (mount_point, _, _) in cgroup_mounts()?.into_iter().filter(|(_, _, v2)| !v2) {
-                let name = mount_point
+            for hierarchy in cgroups::hierarchies()?.into_iter().filter(|h| !h.v2) {
+                let name = hierarchy
+                    .mount_point
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned());
                 if let Some(name) = name {
-                    external(&format!("{destination}/{name}"), &mount_point);
+                    external(&format!("{destination}/{name}"), &hierarchy.mount_point);
                 }
             }
         }
@@ -790,153 +748,6 @@ fn namespace_paths(spec: &Spec) -> BTreeMap<String, PathBuf> {
     out
 }
 
-/// The cgroup hierarchies of this host: mount point, the options naming controllers (empty
-/// for the v2 hierarchy), and whether it is v2.
-fn cgroup_mounts() -> Result<Vec<(PathBuf, Vec<String>, bool)>, RestoreError> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).map_err(io_error("read", path))?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut right = right.split_whitespace();
-        let v2 = match right.next() {
-            Some("cgroup") => false,
-            Some("cgroup2") => true,
-            _ => continue,
-        };
-        let super_options = right.nth(1).unwrap_or_default();
-        let Some(mount_point) = left.split_whitespace().nth(4) else {
-            continue;
-        };
-        let controllers = if v2 {
-            Vec::new()
-        } else {
-            super_options
-                .split(',')
-                .filter(|o| !matches!(*o, "rw" | "ro" | "xattr" | "clone_children"))
-                .filter(|o| !o.starts_with("release_agent"))
-                .map(str::to_owned)
-                .collect()
-        };
-        out.push((PathBuf::from(mount_point), controllers, v2));
-    }
-    Ok(out)
-}
-
-/// The container's cgroup in each hierarchy.
-struct Cgroups {
-    /// Per hierarchy: its controllers (as CRIU names them; none for v2), the container's
-    /// directory and its path inside the hierarchy.
-    dirs: Vec<(Vec<String>, PathBuf, String)>,
-}
-
-impl Cgroups {
-    /// Where the container's cgroups go: `linux.cgroupsPath`, or, as runc 1.1.5 does without
-    /// one, the id below this process's own cgroup in each hierarchy.
-    fn plan(spec: &Spec, id: &str) -> Result<Cgroups, RestoreError> {
-        let configured = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.cgroups_path().clone())
-            .map(|p| p.display().to_string());
-        let own = own_cgroups()?;
-        let mut dirs = Vec::new();
-        for (mount_point, controllers, _) in cgroup_mounts()? {
-            let key = controllers.first().cloned().unwrap_or_default();
-            let relative = match &configured {
-                Some(path) => path.clone(),
-                None => {
-                    let base = own.get(&key).cloned().unwrap_or_else(|| "/".into());
-                    format!("{}/{id}", base.trim_end_matches('/'))
-                }
-            };
-            let dir = mount_point.join(relative.trim_start_matches('/'));
-            dirs.push((controllers, dir, relative));
-        }
-        Ok(Cgroups { dirs })
-    }
-
-    /// The cgroup roots CRIU restores into, one per hierarchy. The v2 hierarchy is named by
-    /// the empty controller, which is how CRIU matches it (and how runc passes it).
-    fn roots(&self) -> Vec<CgroupRoot> {
-        self.dirs
-            .iter()
-            .map(|(controllers, _, relative)| CgroupRoot {
-                ctrl: Some(controllers.join(",")),
-                path: relative.clone(),
-            })
-            .collect()
-    }
-
-    /// The container's cgroup directories that exist now.
-    fn existing(&self) -> Vec<PathBuf> {
-        self.dirs
-            .iter()
-            .map(|(_, dir, _)| dir.clone())
-            .filter(|dir| dir.exists())
-            .collect()
-    }
-
-    /// Creates the cgroups that do not exist yet and moves `pid` into each; returns the ones
-    /// it created.
-    fn enter(&self, pid: u32) -> Result<Vec<PathBuf>, RestoreError> {
-        let mut created = Vec::new();
-        for (_, dir, _) in &self.dirs {
-            if !dir.exists() {
-                fs::create_dir_all(dir).map_err(io_error("create the cgroup", dir))?;
-                created.push(dir.clone());
-                inherit_cpuset(dir)?;
-            }
-            let procs = dir.join("cgroup.procs");
-            fs::write(&procs, pid.to_string()).map_err(io_error("move CRIU into", &procs))?;
-        }
-        Ok(created)
-    }
-}
-
-/// A new v1 cpuset cgroup starts with no CPUs and no memory nodes, and refuses tasks until it
-/// has some: give it its parent's, as runc does.
-fn inherit_cpuset(dir: &Path) -> Result<(), RestoreError> {
-    for name in ["cpuset.cpus", "cpuset.mems"] {
-        let file = dir.join(name);
-        let Some(parent) = dir.parent() else {
-            continue;
-        };
-        if !file.exists()
-            || !fs::read_to_string(&file)
-                .unwrap_or_default()
-                .trim()
-                .is_empty()
-        {
-            continue;
-        }
-        let value =
-            fs::read_to_string(parent.join(name)).map_err(io_error("read", &parent.join(name)))?;
-        fs::write(&file, value.trim()).map_err(io_error("write", &file))?;
-    }
-    Ok(())
-}
-
-/// This process's cgroup per v1 controller, from `/proc/self/cgroup`.
-fn own_cgroups() -> Result<BTreeMap<String, String>, RestoreError> {
-    let path = Path::new("/proc/self/cgroup");
-    let text = fs::read_to_string(path).map_err(io_error("read", path))?;
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, cgroup) = (parts.next(), parts.next(), parts.next());
-        if let (Some(controllers), Some(cgroup)) = (controllers, cgroup) {
-            // The v2 hierarchy's line has no controllers; it is keyed by the empty name.
-            for controller in controllers.split(',') {
-                out.insert(controller.to_owned(), cgroup.to_owned());
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Acts on CRIU's notifications during the restore.
 struct Handler<'a> {
     cgroups: &'a Cgroups,
@@ -947,6 +758,8 @@ struct Handler<'a> {
     hooks: &'a ContainerHooks,
     /// Whether the `prestart` hooks were started, so `poststop` must run in the end.
     hooks_ran: bool,
+    /// The config's cgroup limits.
+    resources: Option<&'a LinuxResources>,
 }
 
 /// The config's hooks that a restore runs, and the state they are given.
@@ -1004,7 +817,13 @@ impl NotifyHandler for Handler<'_> {
         // existing cgroups"), so there it is left where it is. (runc moves CRIU in every mode,
         // which makes its strict mode fail.)
         if !self.strict {
-            self.created = self.cgroups.enter(criu_pid)?;
+            self.cgroups.enter(criu_pid, &mut self.created)?;
+            // CRIU restores properties only of cgroups it creates itself (soft mode) or of
+            // all of them (full mode, which then overrides these): the config's limits go
+            // in first, as runc writes them.
+            if let Some(resources) = self.resources {
+                self.cgroups.apply(resources)?;
+            }
         }
         Ok(())
     }

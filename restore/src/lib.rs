@@ -2,9 +2,10 @@
 //!
 //! [`rpc`] drives CRIU over its RPC protocol; [`container`] sets a runc container up around
 //! it (bundle, mounts, namespaces, cgroups, stdio, console) and records its state;
-//! [`mounts`] prepares the rootfs's mount points; [`hooks`] runs the config's OCI hooks;
+//! [`cgroups`] places it and writes its limits; [`mounts`] prepares the rootfs's mount points; [`hooks`] runs the config's OCI hooks;
 //! [`lifecycle`] keeps a foreground container company until it exits.
 
+pub mod cgroups;
 pub mod container;
 pub mod hooks;
 pub mod lifecycle;

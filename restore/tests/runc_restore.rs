@@ -1090,6 +1090,17 @@ fn cgroup_v2_only_restores_create_and_remove_the_v2_cgroup() {
     let mut config: serde_json::Value =
         serde_json::from_slice(&fs::read(&config_path).expect("config")).expect("JSON");
     config["linux"]["cgroupsPath"] = serde_json::json!("/criu-restore-v2-new");
+    // Limits the v2 hierarchy offers here: hugetlb is the one controller not bound to v1.
+    let hugetlb = fs::read_to_string(v2_mount.join("cgroup.controllers"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == "hugetlb")
+        && Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
+    config["linux"]["resources"]["unified"] = serde_json::json!({"cgroup.max.descendants": "7"});
+    if hugetlb {
+        config["linux"]["resources"]["hugepageLimits"] =
+            serde_json::json!([{"pageSize": "2MB", "limit": 4194304}]);
+    }
     fs::write(&config_path, config.to_string()).expect("write config");
     let new_cgroup = v2_mount.join("criu-restore-v2-new");
 
@@ -1110,6 +1121,12 @@ fn cgroup_v2_only_restores_create_and_remove_the_v2_cgroup() {
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let (before, after) = counts(&checkpoint.rootfs().join("counter"));
     let procs = fs::read_to_string(new_cgroup.join("cgroup.procs")).unwrap_or_default();
+    let read = |file: &str| {
+        fs::read_to_string(new_cgroup.join(file))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let (descendants, hugetlb_max) = (read("cgroup.max.descendants"), read("hugetlb.2MB.max"));
     checkpoint.kill(pid);
     let _ = fs::remove_dir(&new_cgroup);
 
@@ -1134,14 +1151,19 @@ fn cgroup_v2_only_restores_create_and_remove_the_v2_cgroup() {
         "{} lists the container: {procs:?}",
         new_cgroup.display()
     );
+    assert_eq!(descendants, "7", "the unified map is written");
+    if hugetlb {
+        assert_eq!(
+            hugetlb_max, "4194304",
+            "hugepage limits go to hugetlb.2MB.max"
+        );
+    }
 }
 
 /// A bundle beside the scratch checkpoint: the fixture's config with `hooks`, on the fixture's
 /// rootfs. Each hook is `record.sh PHASE [FAIL]`, which appends "PHASE STATE-JSON" to
 /// `hooks.log` and, given FAIL, fails loudly.
 fn hooked_bundle(scratch: &Scratch, hooks: serde_json::Value) -> PathBuf {
-    let bundle = scratch.path("hooked-bundle");
-    fs::create_dir_all(&bundle).expect("bundle");
     let script = scratch.path("record.sh");
     let log = scratch.path("hooks.log");
     fs::write(
@@ -1155,11 +1177,6 @@ fn hooked_bundle(scratch: &Scratch, hooks: serde_json::Value) -> PathBuf {
     .expect("hook script");
     fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let mut config: serde_json::Value = serde_json::from_slice(
-        &fs::read(Path::new(BUNDLE).join("config.json")).expect("fixture config"),
-    )
-    .expect("JSON");
-    config["root"]["path"] = serde_json::json!(format!("{BUNDLE}/rootfs"));
     let hook = |args: &[&str]| {
         let mut argv = vec![script.display().to_string()];
         argv.extend(args.iter().map(|a| a.to_string()));
@@ -1175,9 +1192,105 @@ fn hooked_bundle(scratch: &Scratch, hooks: serde_json::Value) -> PathBuf {
             .collect();
         hooks_config.insert(phase.clone(), serde_json::json!([hook(&args)]));
     }
-    config["hooks"] = serde_json::Value::Object(hooks_config);
+    bundle_with(scratch, |config| {
+        config["hooks"] = serde_json::Value::Object(hooks_config);
+    })
+}
+
+/// A bundle beside the scratch checkpoint: the fixture's config changed by `edit`, on the
+/// fixture's rootfs.
+fn bundle_with(scratch: &Scratch, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let bundle = scratch.path("edited-bundle");
+    fs::create_dir_all(&bundle).expect("bundle");
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &fs::read(Path::new(BUNDLE).join("config.json")).expect("fixture config"),
+    )
+    .expect("JSON");
+    config["root"]["path"] = serde_json::json!(format!("{BUNDLE}/rootfs"));
+    edit(&mut config);
     fs::write(bundle.join("config.json"), config.to_string()).expect("config");
     bundle
+}
+
+#[test]
+fn the_configs_resources_are_written_to_the_v1_cgroups() {
+    if !ready() {
+        return;
+    }
+    let memory = Path::new("/sys/fs/cgroup/memory");
+    if !memory.join("memory.limit_in_bytes").exists() {
+        println!("skipped: this host has no v1 memory hierarchy");
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let bundle = bundle_with(&scratch, |config| {
+        config["linux"]["resources"] = serde_json::json!({
+            "devices": [
+                {"allow": false, "access": "rwm"},
+                {"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rw"}
+            ],
+            "memory": {"limit": 67108864, "reservation": 33554432, "swap": 134217728},
+            "cpu": {"shares": 512, "quota": 50000, "period": 100000},
+            "pids": {"limit": 40}
+        });
+    });
+    let output = scratch
+        .restore(
+            "limited",
+            &[
+                "-d",
+                "--bundle",
+                bundle.to_str().expect("utf-8"),
+                "--pid-file",
+                "pid",
+            ],
+        )
+        .output()
+        .expect("runs");
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let read = |controller: &str, file: &str| {
+        fs::read_to_string(
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(CGROUP)
+                .join(file),
+        )
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_default()
+    };
+    let values = [
+        read("memory", "memory.limit_in_bytes"),
+        read("memory", "memory.soft_limit_in_bytes"),
+        read("pids", "pids.max"),
+        read("cpu", "cpu.shares"),
+        read("cpu", "cpu.cfs_quota_us"),
+        read("cpu", "cpu.cfs_period_us"),
+    ];
+    let swap = read("memory", "memory.memsw.limit_in_bytes");
+    let devices = read("devices", "devices.list");
+    let first = counter();
+    sleep(Duration::from_millis(700));
+    let running = counter() > first;
+    destroy(pid, &scratch.path("state"));
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(running, "the limited container runs on");
+    assert_eq!(
+        values,
+        ["67108864", "33554432", "40", "512", "50000", "100000"].map(String::from)
+    );
+    if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
+        assert_eq!(swap, "134217728");
+    }
+    let rules: Vec<&str> = devices.lines().collect();
+    assert!(!rules.contains(&"a *:* rwm"), "not every device: {devices}");
+    for rule in ["c 10:229 rw", "c 1:3 rwm", "c 136:* rwm", "b *:* m"] {
+        assert!(rules.contains(&rule), "{rule} in {devices}");
+    }
 }
 
 /// The hook log as (phase, state) pairs.
