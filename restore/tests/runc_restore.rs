@@ -1417,3 +1417,94 @@ fn a_failing_hook_aborts_the_restore_and_leaves_nothing() {
     assert!(!mounted_below(&scratch.path("state")), "no CRIU root");
     assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new(), "no cgroups");
 }
+
+/// The pids whose pid namespace is `inode`.
+fn pids_in_namespace(inode: u64) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    fs::metadata(format!("/proc/{pid}/ns/pid")).is_ok_and(|m| m.ino() == inode)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pid_namespace_path_is_restored_into() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    let _serial = serial();
+    // The namespace's init reaps whatever is left to it, so the checkpointed container's pid
+    // becomes free again once runc has killed it.
+    let mut holder = Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "/usr/bin/python3", "-c"])
+        .arg(
+            "import os, time\nwhile True:\n    try:\n        os.waitpid(-1, 0)\n    \
+             except ChildProcessError:\n        time.sleep(0.05)\n",
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("a pid namespace holder starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (init, inode) = loop {
+        let own = fs::metadata("/proc/self/ns/pid").map(|m| m.ino()).ok();
+        let child = fs::read_to_string(format!("/proc/{}/task/{0}/children", holder.id()))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok());
+        let found = child.and_then(|pid| {
+            let inode = fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?.ino();
+            (Some(inode) != own).then_some((pid, inode))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pid namespace holder did not start"
+        );
+        sleep(Duration::from_millis(20));
+    };
+    let namespace = PathBuf::from(format!("/proc/{init}/ns/pid"));
+
+    let checkpoint = RuncCheckpoint::make("criu-restore-pidns-test", |_, config| {
+        for ns in config["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+        {
+            if ns["type"] == "pid" {
+                ns["path"] = serde_json::json!(namespace);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids_in_namespace(inode) != [init] && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+
+    let (restored, errors, pid) = checkpoint.restore("pidns-restored", &[]);
+    let theirs = fs::metadata(format!("/proc/{pid}/ns/pid"))
+        .map(|m| m.ino())
+        .ok();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    checkpoint.kill(pid);
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    assert!(restored, "restore: {errors}");
+    assert_eq!(
+        theirs,
+        Some(inode),
+        "the container is in the named pid namespace"
+    );
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:"));
+    assert_eq!(
+        nspid.map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>()),
+        Some(vec![pid.to_string().as_str(), "2"]),
+        "pid 2 inside, as at checkpoint"
+    );
+}
