@@ -1508,3 +1508,51 @@ fn a_pid_namespace_path_is_restored_into() {
         "pid 2 inside, as at checkpoint"
     );
 }
+
+#[test]
+fn ipc_and_uts_namespace_paths_are_joined() {
+    if !ready() || !runc_installed() {
+        return;
+    }
+    let _serial = serial();
+    // `unshare` execs the sleep, so the child's pid holds the new namespaces.
+    let mut holder = Command::new("unshare")
+        .args(["--ipc", "--uts", "sleep", "120"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("a namespace holder starts");
+    let own = fs::read_link("/proc/self/ns/ipc").ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_link(format!("/proc/{}/ns/ipc", holder.id())).ok() == own {
+        assert!(
+            Instant::now() < deadline,
+            "the namespace holder did not start"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    let namespace = |kind: &str| PathBuf::from(format!("/proc/{}/ns/{kind}", holder.id()));
+
+    let checkpoint = RuncCheckpoint::make("criu-restore-joinns-test", |_, config| {
+        for ns in config["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+        {
+            if let Some(kind @ ("ipc" | "uts")) = ns["type"].as_str() {
+                ns["path"] = serde_json::json!(namespace(kind));
+            }
+        }
+    });
+    let (restored, errors, pid) = checkpoint.restore("joinns-restored", &[]);
+    let joined = |kind: &str| {
+        let theirs = fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+        theirs.is_some() && theirs == fs::read_link(namespace(kind)).ok()
+    };
+    let (ipc, uts) = (joined("ipc"), joined("uts"));
+    checkpoint.kill(pid);
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    assert!(restored, "restore: {errors}");
+    assert!(ipc, "the container joined the ipc namespace");
+    assert!(uts, "the container joined the uts namespace");
+}
