@@ -902,6 +902,96 @@ fn write_state(dir: &Path, state: &State) -> Result<(), RestoreError> {
 mod tests {
     use super::*;
 
+    fn options() -> Options {
+        Options {
+            id: "c".into(),
+            bundle: "/b".into(),
+            image_path: "/i".into(),
+            work_path: None,
+            root: "/r".into(),
+            criu: "criu".into(),
+            detach: true,
+            pid_file: None,
+            console_socket: None,
+            tcp_established: true,
+            ext_unix_sk: true,
+            shell_job: true,
+            file_locks: true,
+            cgroups_mode: CgroupsMode::Ignore,
+            empty_network: true,
+            auto_dedup: true,
+            lazy_pages: true,
+            lsm_profile: Some("selinux:system_u:system_r:container_t:s0".into()),
+            lsm_mount_context: Some("system_u:object_r:container_file_t:s0".into()),
+        }
+    }
+
+    #[test]
+    fn every_flag_reaches_the_criu_request_as_runc_sends_it() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "linux": {"maskedPaths": ["/proc/kcore"]}
+        }))
+        .expect("spec");
+        let descriptors = ["/dev/null".to_owned(), "pipe:[7]".to_owned()];
+        let opts = criu_options(
+            &options(),
+            &spec,
+            Path::new("/nonexistent"),
+            Path::new("/r/c/criu-root"),
+            &descriptors,
+        )
+        .expect("options");
+
+        assert_eq!(opts.root.as_deref(), Some("/r/c/criu-root"));
+        for flag in [
+            opts.tcp_established,
+            opts.ext_unix_sk,
+            opts.shell_job,
+            opts.file_locks,
+            opts.auto_dedup,
+            opts.lazy_pages,
+            opts.evasive_devices,
+            opts.rst_sibling,
+            opts.manage_cgroups,
+            opts.orphan_pts_master,
+        ] {
+            assert_eq!(flag, Some(true));
+        }
+        // IGNORE is 0 and is sent all the same.
+        assert_eq!(opts.manage_cgroups_mode, Some(CgMode::Ignore as i32));
+        assert_eq!(opts.empty_ns, Some(CLONE_NEWNET));
+        assert_eq!(
+            opts.lsm_profile.as_deref(),
+            Some("selinux:system_u:system_r:container_t:s0")
+        );
+        assert_eq!(
+            opts.lsm_mount_context.as_deref(),
+            Some("system_u:object_r:container_file_t:s0")
+        );
+        let masked: Vec<_> = opts.ext_mnt.iter().map(|m| (&*m.key, &*m.val)).collect();
+        assert_eq!(masked, [("/dev/null", "/dev/null")]);
+        let inherited: Vec<_> = opts.inherit_fd.iter().map(|f| (&*f.key, f.fd)).collect();
+        assert_eq!(
+            inherited,
+            [("pipe:[7]", 1)],
+            "stdout is a pipe, CRIU's fd 1"
+        );
+
+        let plain = Options {
+            tcp_established: false,
+            lsm_profile: None,
+            empty_network: false,
+            ..options()
+        };
+        let opts =
+            criu_options(&plain, &spec, Path::new("/x"), Path::new("/y"), &[]).expect("options");
+        assert_eq!(opts.tcp_established, None);
+        assert_eq!(opts.lsm_profile, None);
+        assert_eq!(opts.empty_ns, None);
+    }
+
     #[test]
     fn ids_follow_runc_rules() {
         assert!(valid_id("my-container_1.2+x"));
