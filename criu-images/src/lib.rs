@@ -52,6 +52,7 @@ pub mod memory;
 pub mod pagemap;
 pub mod pyfmt;
 pub mod schema;
+pub mod validate;
 pub mod wire;
 
 /// The typed messages of every image kind, generated from `proto/`.

@@ -1,8 +1,8 @@
 //! `criu-inspect`: look inside CRIU checkpoints.
 //!
 //! The crit commands (`decode`, `encode`, `show`, `info`, `x`) take crit's arguments and print
-//! what crit 4.1.1 prints, so scripts written for crit keep working; `inspect` and `memparse`
-//! go further. Data goes to stdout, diagnostics to stderr.
+//! what crit 4.1.1 prints, so scripts written for crit keep working; `inspect`, `validate` and
+//! `memparse` go further. Data goes to stdout, diagnostics to stderr.
 //!
 //! Exit codes: 0 success; 1 the input is invalid (a corrupt image, JSON that is not an image,
 //! a checkpoint missing a required image); 2 a usage or system error (bad arguments, a file
@@ -13,6 +13,7 @@ mod explore;
 mod inspect;
 mod memparse;
 mod output;
+mod validate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check an images directory for what a restore needs, before CRIU runs: every image
+    /// parses, every process has its images, memory is consistent with its parents, the host
+    /// matches. Exits 0 when valid, 1 when problems were found, 2 when it could not check.
+    Validate {
+        /// Images directory.
+        dir: PathBuf,
+        /// Print the report as JSON (schema in docs/validate-json.md).
+        #[arg(long)]
+        json: bool,
+        /// The restore will serve pages lazily (`restore --lazy-pages`).
+        #[arg(long)]
+        lazy_pages: bool,
+        /// Page size of the dumping machine in bytes (default: the architecture's usual one).
+        #[arg(long)]
+        page_size: Option<u64>,
+    },
     /// Memory of the checkpointed processes: sizes, hexdumps and search.
     Memparse {
         /// Images directory.
@@ -137,6 +154,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Explore::Rss => explore::rss(&dir),
         },
         Command::Inspect { dir, json } => inspect::run(&dir, json),
+        Command::Validate {
+            dir,
+            json,
+            lazy_pages,
+            page_size,
+        } => validate::run(&validate::Request {
+            dir: &dir,
+            json,
+            lazy_pages,
+            page_size,
+        }),
         Command::Memparse {
             dir,
             pid,

@@ -148,3 +148,35 @@ fn inspect_reports_the_tree_and_json_is_stable() {
             .is_some_and(|n| n > 0)
     );
 }
+
+#[test]
+fn validate_exits_0_1_or_2_and_its_json_is_stable() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let clean = fixtures.join("runc-busybox");
+    let (code, out, err) = run(&["validate", clean.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no problems found"), "{out}");
+
+    let broken = fixtures.join("corrupt/pages-short");
+    let (code, out, err) = run(&["validate", broken.to_str().expect("utf-8")]);
+    assert_eq!(code, 1);
+    assert!(out.contains("error   pages-size"), "{out}");
+    assert!(out.contains("fix: "), "{out}");
+    assert!(err.contains("1 problem found in"), "{err}");
+
+    let (code, out, _) = run(&["validate", "--json", broken.to_str().expect("utf-8")]);
+    assert_eq!(code, 1);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["valid"], false);
+    assert_eq!(report["processes"], 1);
+    let finding = &report["findings"][0];
+    assert_eq!(finding["code"], "pages-size");
+    assert_eq!(finding["severity"], "error");
+    for key in ["subject", "message", "hint"] {
+        assert!(finding[key].as_str().is_some_and(|s| !s.is_empty()), "{key}");
+    }
+
+    let (code, _, err) = run(&["validate", "/nonexistent/images"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot check /nonexistent/images"), "{err}");
+}
