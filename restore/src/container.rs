@@ -14,6 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use criu_images::validate::{Finding, Severity};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
@@ -26,6 +27,7 @@ use thiserror::Error;
 use crate::cgroups::{self, CgroupError, Cgroups};
 use crate::hooks::{self, HookError, HookState};
 use crate::mounts::{self, MountError};
+use crate::preflight;
 use crate::rpc::messages::{CgMode, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
 use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError, Version};
 
@@ -111,6 +113,14 @@ pub enum RestoreError {
         #[source]
         source: io::Error,
     },
+    /// Validation found problems that would make the restore fail.
+    #[error("{}", invalid_message(.images, .findings))]
+    Invalid {
+        /// The images directory.
+        images: PathBuf,
+        /// The error findings.
+        findings: Vec<Finding>,
+    },
     /// The container's cgroups could not be set up.
     #[error(transparent)]
     Cgroups(#[from] CgroupError),
@@ -131,6 +141,24 @@ pub enum RestoreError {
     /// CRIU reported success without saying which process it restored.
     #[error("CRIU reported a successful restore but no pid for the container's init")]
     NoPid,
+}
+
+/// Every error finding, one per paragraph with its fix.
+fn invalid_message(images: &Path, findings: &[Finding]) -> String {
+    let count = findings.len();
+    let noun = if count == 1 { "problem" } else { "problems" };
+    let mut text = format!(
+        "the checkpoint in {} cannot be restored: {count} {noun} found before starting CRIU",
+        images.display()
+    );
+    for finding in findings {
+        text.push_str(&format!(
+            "\n  {} ({}): {}\n    fix: {}",
+            finding.code, finding.subject, finding.message, finding.hint
+        ));
+    }
+    text.push_str("\n(--skip-validation restores anyway)");
+    text
 }
 
 /// How CRIU manages the container's cgroups (`--manage-cgroups-mode`).
@@ -187,6 +215,8 @@ pub struct Options {
     pub lsm_profile: Option<String>,
     /// `--lsm-mount-context`.
     pub lsm_mount_context: Option<String>,
+    /// `--skip-validation`: restore without checking first.
+    pub skip_validation: bool,
 }
 
 /// What is left to undo if the restore does not complete.
@@ -305,6 +335,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     }
     let descriptors = read_descriptors(&options.image_path)?;
     let rootfs = rootfs(&spec, &options.bundle, &config_path)?;
+    validate(options, &spec, &rootfs)?;
 
     let (state_dir, criu_root) = prepare_state(options, &spec, &rootfs, cleanup)?;
 
@@ -411,6 +442,49 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     cleanup.pid = None;
     cleanup.undo();
     Ok(status)
+}
+
+/// Runs the checks of [`preflight`] and refuses with every error they found; warnings are
+/// logged. `--skip-validation` skips them, with a warning.
+fn validate(options: &Options, spec: &Spec, rootfs: &Path) -> Result<(), RestoreError> {
+    if options.skip_validation {
+        tracing::warn!(
+            images = %options.image_path.display(),
+            "validation skipped (--skip-validation): problems will surface in CRIU instead"
+        );
+        return Ok(());
+    }
+    let work_dir = options.work_path.as_ref().unwrap_or(&options.image_path);
+    let report = preflight::check(&preflight::Plan {
+        images: &options.image_path,
+        work_dir,
+        spec,
+        rootfs,
+        lazy_pages: options.lazy_pages,
+        lsm_profile: options.lsm_profile.as_deref(),
+        lsm_mount_context: options.lsm_mount_context.as_deref(),
+    });
+    for warning in report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Warning)
+    {
+        tracing::warn!(code = warning.code, subject = %warning.subject, "{}", warning.message);
+    }
+    let errors: Vec<Finding> = report.errors().cloned().collect();
+    tracing::debug!(
+        images = report.images,
+        processes = report.processes,
+        errors = errors.len(),
+        "validated"
+    );
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(RestoreError::Invalid {
+        images: options.image_path.clone(),
+        findings: errors,
+    })
 }
 
 /// Creates the container's state directory (which doubles as the lock: creating it fails if
@@ -923,6 +997,7 @@ mod tests {
             lazy_pages: true,
             lsm_profile: Some("selinux:system_u:system_r:container_t:s0".into()),
             lsm_mount_context: Some("system_u:object_r:container_file_t:s0".into()),
+            skip_validation: false,
         }
     }
 

@@ -1,13 +1,16 @@
 //! Restoring runc containers with CRIU.
 //!
 //! [`rpc`] drives CRIU over its RPC protocol; [`container`] sets a runc container up around
-//! it (bundle, mounts, namespaces, cgroups, stdio, console) and records its state;
-//! [`cgroups`] places it and writes its limits; [`mounts`] prepares the rootfs's mount points; [`hooks`] runs the config's OCI hooks;
-//! [`lifecycle`] keeps a foreground container company until it exits.
+//! it (bundle, mounts, namespaces, cgroups, stdio, console) and records its state. Around
+//! it: [`preflight`] checks everything it can before CRIU starts, [`cgroups`] places the
+//! container and writes its limits, [`mounts`] prepares the rootfs's mount points, [`hooks`]
+//! runs the config's OCI hooks, and [`lifecycle`] keeps a foreground container company until
+//! it exits.
 
 pub mod cgroups;
 pub mod container;
 pub mod hooks;
 pub mod lifecycle;
 pub mod mounts;
+pub mod preflight;
 pub mod rpc;

@@ -81,6 +81,10 @@ struct Cli {
     /// LSM mount context to use instead of the checkpointed one, for mounts that have one.
     #[arg(long, value_name = "CONTEXT")]
     lsm_mount_context: Option<String>,
+    /// Restore without checking the checkpoint and the container first (for emergencies:
+    /// problems then surface in CRIU, later and less clearly).
+    #[arg(long)]
+    skip_validation: bool,
     /// Accepted and ignored, for callers that pass it to every runc command.
     #[arg(long, hide = true)]
     no_new_keyring: bool,
@@ -182,6 +186,7 @@ fn options(cli: &Cli) -> anyhow::Result<Options> {
         lazy_pages: cli.lazy_pages,
         lsm_profile: cli.lsm_profile.clone(),
         lsm_mount_context: cli.lsm_mount_context.clone(),
+        skip_validation: cli.skip_validation,
     })
 }
 

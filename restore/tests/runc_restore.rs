@@ -340,6 +340,26 @@ fn failures_are_clear_and_leave_nothing_behind() {
         .output()
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
+    // This host runs no SELinux: refused by validation, with the reason, before CRIU runs.
+    let selinux = fs::read_to_string("/sys/kernel/security/lsm")
+        .unwrap_or_default()
+        .contains("selinux");
+    if !selinux {
+        let profile = ["--lsm-profile", "selinux:system_u:system_r:container_t:s0"];
+        let output = scratch.restore("broken", &profile).output().expect("runs");
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains("lsm-unavailable"),
+            "{}",
+            stderr(&output)
+        );
+        assert!(
+            !scratch.path("work/restore.log").exists(),
+            "CRIU did not run"
+        );
+        assert!(!state.join("broken").exists());
+    }
+
     for bad in [
         &["--empty-ns", "ipc"][..],
         &["--log-format", "xml"],
@@ -826,12 +846,10 @@ fn a_missing_bind_source_fails_before_criu_and_leaves_nothing() {
 
     assert!(!restored);
     assert!(
-        errors.contains(&format!(
-            "bind mount source {} of /data is missing",
-            data.display()
-        )),
+        errors.contains(&format!("bind-source-missing ({})", data.display())),
         "{errors}"
     );
+    assert!(errors.contains("before starting CRIU"), "{errors}");
     assert!(!checkpoint.path("state/source-missing").exists());
     assert!(!mounted_below(&checkpoint.path("state")));
     assert_eq!(
@@ -896,7 +914,7 @@ fn a_network_namespace_path_is_restored_into() {
 }
 
 #[test]
-fn corrupt_images_fail_in_criu_with_its_message_and_leave_nothing() {
+fn corrupt_images_are_refused_before_criu_runs_or_fail_in_criu_when_forced() {
     if !ready() {
         return;
     }
@@ -906,13 +924,29 @@ fn corrupt_images_fail_in_criu_with_its_message_and_leave_nothing() {
     let bytes = fs::read(&core).expect("core image");
     fs::write(&core, &bytes[..bytes.len() / 2]).expect("truncate the core image");
 
+    // Validation names the image before anything is set up: CRIU never runs.
     let output = scratch
         .restore("corrupt", &["-d", "--pid-file", "pid"])
         .output()
         .expect("runs");
     let errors = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{errors}");
-    assert!(errors.contains("CRIU"), "{errors}");
+    assert!(errors.contains("image-corrupt (core-1.img)"), "{errors}");
+    assert!(
+        !scratch.path("work/restore.log").exists(),
+        "CRIU did not run"
+    );
+    assert!(!scratch.path("state/corrupt").exists(), "no state");
+
+    // Forced past validation, CRIU fails mid-restore: its message, and nothing left behind.
+    let output = scratch
+        .restore("corrupt", &["-d", "--pid-file", "pid", "--skip-validation"])
+        .output()
+        .expect("runs");
+    let errors = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{errors}");
+    assert!(errors.contains("validation skipped"), "a warning: {errors}");
+    assert!(errors.contains("CRIU restore failed"), "{errors}");
     assert!(errors.contains("restore.log"), "the log is named: {errors}");
     assert!(!scratch.path("pid").exists(), "no pid file");
     assert!(!scratch.path("state/corrupt").exists(), "no state");
@@ -1114,7 +1148,8 @@ fn cgroup_v2_only_restores_create_and_remove_the_v2_cgroup() {
     let core = corrupt.join("core-1.img");
     let bytes = fs::read(&core).expect("core image");
     fs::write(&core, &bytes[..bytes.len() / 2]).expect("truncate");
-    let (failed_restore, failure, _) = checkpoint.restore_from(&corrupt, "v2-broken", &[]);
+    let (failed_restore, failure, _) =
+        checkpoint.restore_from(&corrupt, "v2-broken", &["--skip-validation"]);
     let left_after_failure = new_cgroup.exists();
 
     let (restored, errors, pid) = checkpoint.restore("v2-restored", &[]);

@@ -173,7 +173,10 @@ fn validate_exits_0_1_or_2_and_its_json_is_stable() {
     assert_eq!(finding["code"], "pages-size");
     assert_eq!(finding["severity"], "error");
     for key in ["subject", "message", "hint"] {
-        assert!(finding[key].as_str().is_some_and(|s| !s.is_empty()), "{key}");
+        assert!(
+            finding[key].as_str().is_some_and(|s| !s.is_empty()),
+            "{key}"
+        );
     }
 
     let (code, _, err) = run(&["validate", "/nonexistent/images"]);
