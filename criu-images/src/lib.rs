@@ -43,6 +43,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod checksum;
 pub mod image;
 pub mod json;
 pub mod kind;

@@ -98,6 +98,13 @@ enum Command {
         /// Page size of the dumping machine in bytes (default: the architecture's usual one).
         #[arg(long)]
         page_size: Option<u64>,
+        /// Also read every file in full: a CRC32 of each, in parallel.
+        #[arg(long)]
+        deep: bool,
+        /// Verify the files against this manifest of CRC32s, or write it if it does not
+        /// exist (implies --deep).
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
     },
     /// Memory of the checkpointed processes: sizes, hexdumps and search.
     Memparse {
@@ -159,11 +166,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             lazy_pages,
             page_size,
+            deep,
+            manifest,
         } => validate::run(&validate::Request {
             dir: &dir,
             json,
             lazy_pages,
             page_size,
+            deep,
+            manifest,
         }),
         Command::Memparse {
             dir,

@@ -7,6 +7,10 @@
 
 use std::path::Path;
 
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use criu_images::checksum::{self, FileSum};
 use criu_images::validate::{Host, Report, Severity, ValidateOptions, validate};
 
 use crate::output::{self, InvalidInput};
@@ -22,6 +26,18 @@ pub struct Request<'a> {
     pub lazy_pages: bool,
     /// The dumping machine's page size, when not the architecture's usual one.
     pub page_size: Option<u64>,
+    /// Read every file in full and checksum it.
+    pub deep: bool,
+    /// A manifest to verify against (if it exists) or to write (if not); implies `deep`.
+    pub manifest: Option<PathBuf>,
+}
+
+/// What `--deep` found out besides the findings.
+#[derive(Debug, Default)]
+struct Deep {
+    sums: Vec<FileSum>,
+    /// The manifest written, when one was.
+    written: Option<PathBuf>,
 }
 
 /// Validates the images directory and prints the report.
@@ -36,14 +52,20 @@ pub fn run(request: &Request<'_>) -> anyhow::Result<()> {
         host: Some(Host::this()),
         page_size: request.page_size,
     };
-    let report = validate(request.dir, &options);
+    let mut report = validate(request.dir, &options);
+    let readable = !report.findings.iter().any(|f| f.code == "images-dir");
+    let deep = if (request.deep || request.manifest.is_some()) && readable {
+        Some(deep_checks(request, &mut report)?)
+    } else {
+        None
+    };
 
     output::with_out(None, |out, _| {
         if request.json {
-            serde_json::to_writer_pretty(&mut *out, &json(&report))?;
+            serde_json::to_writer_pretty(&mut *out, &json(&report, deep.as_ref()))?;
             out.write_all(b"\n")?;
         } else {
-            write_text(out, &report)?;
+            write_text(out, &report, deep.as_ref())?;
         }
         Ok(())
     })?;
@@ -63,18 +85,52 @@ pub fn run(request: &Request<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checksums every file and, with a manifest, verifies it (or writes it when it does not
+/// exist yet); differences become findings.
+fn deep_checks(request: &Request<'_>, report: &mut Report) -> anyhow::Result<Deep> {
+    let manifest = request.manifest.as_deref();
+    let sums = checksum::checksum_dir(request.dir, manifest)?;
+    let mut deep = Deep::default();
+    if let Some(path) = manifest {
+        if path.exists() {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the manifest {}", path.display()))?;
+            let expected = checksum::parse_manifest(&text)
+                .map_err(|e| InvalidInput(format!("{}: {e}", path.display())))?;
+            report.findings.extend(checksum::compare(&expected, &sums));
+        } else {
+            std::fs::write(path, checksum::manifest(&sums))
+                .with_context(|| format!("cannot write the manifest {}", path.display()))?;
+            deep.written = Some(path.to_path_buf());
+        }
+    }
+    deep.sums = sums;
+    Ok(deep)
+}
+
 /// The report as the documented JSON object.
-fn json(report: &Report) -> serde_json::Value {
-    serde_json::json!({
+fn json(report: &Report, deep: Option<&Deep>) -> serde_json::Value {
+    let mut value = serde_json::json!({
         "dir": report.dir,
         "valid": !report.has_errors(),
         "images": report.images,
         "processes": report.processes,
         "findings": report.findings,
-    })
+    });
+    if let Some(deep) = deep {
+        value["checksums"] = serde_json::json!(deep.sums);
+        if let Some(written) = &deep.written {
+            value["manifest_written"] = serde_json::json!(written);
+        }
+    }
+    value
 }
 
-fn write_text(out: &mut dyn std::io::Write, report: &Report) -> std::io::Result<()> {
+fn write_text(
+    out: &mut dyn std::io::Write,
+    report: &Report,
+    deep: Option<&Deep>,
+) -> std::io::Result<()> {
     writeln!(
         out,
         "{}: {} images, {} processes",
@@ -82,6 +138,24 @@ fn write_text(out: &mut dyn std::io::Write, report: &Report) -> std::io::Result<
         report.images,
         report.processes
     )?;
+    if let Some(deep) = deep {
+        let rows: Vec<Vec<String>> = deep
+            .sums
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    output::size(s.bytes),
+                    format!("{:08x}", s.crc32),
+                ]
+            })
+            .collect();
+        writeln!(out)?;
+        out.write_all(output::table(&["FILE", "SIZE", "CRC32"], &rows).as_bytes())?;
+        if let Some(written) = &deep.written {
+            writeln!(out, "manifest written to {}", written.display())?;
+        }
+    }
     if report.findings.is_empty() {
         return writeln!(out, "no problems found");
     }

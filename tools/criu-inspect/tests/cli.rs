@@ -183,3 +183,61 @@ fn validate_exits_0_1_or_2_and_its_json_is_stable() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot check /nonexistent/images"), "{err}");
 }
+
+#[test]
+fn a_manifest_is_written_then_verified_and_catches_a_changed_file() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let temp = tempfile::tempdir().expect("temp dir");
+    let dir = temp.path().join("checkpoint");
+    fs::create_dir(&dir).expect("dir");
+    for entry in fs::read_dir(fixtures.join("runc-busybox")).expect("fixture") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    let manifest = temp.path().join("manifest.txt");
+    let args = |json: bool| {
+        let mut args = vec!["validate", dir.to_str().expect("utf-8")];
+        args.extend(["--manifest", manifest.to_str().expect("utf-8")]);
+        if json {
+            args.push("--json");
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run_owned = |args: Vec<String>| run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (code, out, err) = run_owned(args(false));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("manifest written to"), "{out}");
+    let text = fs::read_to_string(&manifest).expect("manifest");
+    assert!(text.starts_with("# criu-inspect manifest 1\n"));
+    assert!(
+        text.lines().any(|l| l.ends_with(" 69632 pages-1.img")),
+        "{text}"
+    );
+
+    let (code, out, err) = run_owned(args(true));
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["valid"], true);
+    let sums = report["checksums"].as_array().expect("checksums");
+    assert!(
+        sums.iter()
+            .any(|s| s["name"] == "pages-1.img" && s["bytes"] == 69632)
+    );
+
+    // One flipped byte in the pages: the sizes still add up, only the checksum tells.
+    let pages = dir.join("pages-1.img");
+    let mut bytes = fs::read(&pages).expect("pages");
+    bytes[100] ^= 0xff;
+    fs::write(&pages, bytes).expect("write pages");
+    let (code, out, _) = run_owned(args(true));
+    assert_eq!(code, 1);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let codes: Vec<&str> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter_map(|f| f["code"].as_str())
+        .collect();
+    assert_eq!(codes, ["manifest-mismatch"]);
+}
