@@ -246,19 +246,48 @@ impl Cgroups {
     ///
     /// A value the kernel refuses, or a limit whose controller is missing.
     pub fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        self.settings(&mut Settings { planned: None }, resources)
+    }
+
+    /// The files [`Cgroups::apply`] would write, with their values, in order; nothing is
+    /// written. Files of cgroups that do not exist yet are listed without checking that the
+    /// host offers them.
+    ///
+    /// # Errors
+    ///
+    /// A value that cannot be written at all (a bad `unified` key).
+    pub fn planned(
+        &self,
+        resources: &LinuxResources,
+    ) -> Result<Vec<(PathBuf, String)>, CgroupError> {
+        let mut out = Settings {
+            planned: Some(Vec::new()),
+        };
+        self.settings(&mut out, resources)?;
+        Ok(out.planned.unwrap_or_default())
+    }
+
+    fn settings(&self, out: &mut Settings, resources: &LinuxResources) -> Result<(), CgroupError> {
         // With v1 hierarchies beside it the v2 one holds no controllers of theirs (runc's v1
         // manager leaves it alone); only the `unified` map, which names its files, goes there.
         let v2_only = self.dirs.iter().all(|dir| dir.hierarchy.v2);
         for dir in &self.dirs {
             if dir.hierarchy.v2 && v2_only {
-                apply_v2(&dir.path, resources)?;
+                apply_v2(out, &dir.path, resources)?;
             } else if dir.hierarchy.v2 {
-                apply_unified(&dir.path, resources)?;
+                apply_unified(out, &dir.path, resources)?;
             } else {
-                apply_v1(dir, resources)?;
+                apply_v1(out, dir, resources)?;
             }
         }
         Ok(())
+    }
+
+    /// Each hierarchy's cgroup directory, whether it exists, and its path in the hierarchy.
+    pub fn dirs(&self) -> impl Iterator<Item = (&Path, bool, &str)> {
+        self.dirs
+            .iter()
+            .map(|d| (d.path.as_path(), d.path.exists(), d.relative.as_str()))
     }
 }
 
@@ -271,47 +300,73 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
-/// Writes `value` to the first of `files` in `dir` that exists.
-fn write_any(
-    dir: &Path,
-    files: &[&str],
-    value: &str,
-    what: &'static str,
-    controller: &'static str,
-) -> Result<(), CgroupError> {
-    match files.iter().map(|f| dir.join(f)).find(|p| p.exists()) {
-        Some(path) => write(&path, value),
-        None => Err(CgroupError::Unavailable {
-            what,
-            path: dir.to_path_buf(),
-            file: files.join(" or "),
-            controller,
-        }),
+/// Where resource settings go: into the cgroup files, or into a list (a dry run).
+struct Settings {
+    planned: Option<Vec<(PathBuf, String)>>,
+}
+
+impl Settings {
+    fn planning(&self) -> bool {
+        self.planned.is_some()
+    }
+
+    /// Writes (or lists) `value` for the file `path`.
+    fn set(&mut self, path: &Path, value: &str) -> Result<(), CgroupError> {
+        match &mut self.planned {
+            Some(list) => {
+                list.push((path.to_path_buf(), value.to_owned()));
+                Ok(())
+            }
+            None => write(path, value),
+        }
+    }
+
+    /// Writes `value` to the first of `files` in `dir` that exists; a dry run takes the
+    /// first when none exists yet (the cgroup is made later).
+    fn set_any(
+        &mut self,
+        dir: &Path,
+        files: &[&str],
+        value: &str,
+        what: &'static str,
+        controller: &'static str,
+    ) -> Result<(), CgroupError> {
+        let existing = files.iter().map(|f| dir.join(f)).find(|p| p.exists());
+        match existing {
+            Some(path) => self.set(&path, value),
+            None if self.planning() && !dir.exists() => self.set(&dir.join(files[0]), value),
+            None => Err(CgroupError::Unavailable {
+                what,
+                path: dir.to_path_buf(),
+                file: files.join(" or "),
+                controller,
+            }),
+        }
     }
 }
 
-fn apply_v1(dir: &Dir, r: &LinuxResources) -> Result<(), CgroupError> {
+fn apply_v1(out: &mut Settings, dir: &Dir, r: &LinuxResources) -> Result<(), CgroupError> {
     let path = &dir.path;
     if dir.has("cpuset")
         && let Some(cpu) = r.cpu()
     {
         if let Some(cpus) = cpu.cpus() {
-            write(&path.join("cpuset.cpus"), cpus)?;
+            out.set(&path.join("cpuset.cpus"), cpus)?;
         }
         if let Some(mems) = cpu.mems() {
-            write(&path.join("cpuset.mems"), mems)?;
+            out.set(&path.join("cpuset.mems"), mems)?;
         }
     }
     if dir.has("devices") {
         for rule in device_rules(r) {
             let (file, line) = v1_device_rule(&rule);
-            write(&path.join(file), &line)?;
+            out.set(&path.join(file), &line)?;
         }
     }
     if dir.has("memory")
         && let Some(memory) = r.memory()
     {
-        set_memory_v1(path, memory.limit(), memory.swap())?;
+        set_memory_v1(out, path, memory.limit(), memory.swap())?;
         if let Some(reservation) = memory.reservation() {
             write(
                 &path.join("memory.soft_limit_in_bytes"),
@@ -319,49 +374,49 @@ fn apply_v1(dir: &Dir, r: &LinuxResources) -> Result<(), CgroupError> {
             )?;
         }
         if let Some(swappiness) = memory.swappiness() {
-            write(&path.join("memory.swappiness"), &swappiness.to_string())?;
+            out.set(&path.join("memory.swappiness"), &swappiness.to_string())?;
         }
         if memory.disable_oom_killer() == Some(true) {
-            write(&path.join("memory.oom_control"), "1")?;
+            out.set(&path.join("memory.oom_control"), "1")?;
         }
     }
     if dir.has("cpu")
         && let Some(cpu) = r.cpu()
     {
         if let Some(shares) = cpu.shares().filter(|&s| s != 0) {
-            write(&path.join("cpu.shares"), &shares.to_string())?;
+            out.set(&path.join("cpu.shares"), &shares.to_string())?;
         }
         // The period first: a quota is checked against the period in force.
         if let Some(period) = cpu.period().filter(|&p| p != 0) {
-            write(&path.join("cpu.cfs_period_us"), &period.to_string())?;
+            out.set(&path.join("cpu.cfs_period_us"), &period.to_string())?;
         }
         if let Some(quota) = cpu.quota().filter(|&q| q != 0) {
-            write(&path.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            out.set(&path.join("cpu.cfs_quota_us"), &quota.to_string())?;
         }
         if let Some(period) = cpu.realtime_period().filter(|&p| p != 0) {
-            write(&path.join("cpu.rt_period_us"), &period.to_string())?;
+            out.set(&path.join("cpu.rt_period_us"), &period.to_string())?;
         }
         if let Some(runtime) = cpu.realtime_runtime().filter(|&r| r != 0) {
-            write(&path.join("cpu.rt_runtime_us"), &runtime.to_string())?;
+            out.set(&path.join("cpu.rt_runtime_us"), &runtime.to_string())?;
         }
     }
     if dir.has("pids")
         && let Some(pids) = r.pids()
         && pids.limit() != 0
     {
-        write(&path.join("pids.max"), &pids_max(pids.limit()))?;
+        out.set(&path.join("pids.max"), &pids_max(pids.limit()))?;
     }
     if dir.has("blkio")
         && let Some(weight) = r.block_io().as_ref().and_then(|b| b.weight())
         && weight != 0
     {
         let files = ["blkio.weight", "blkio.bfq.weight"];
-        write_any(path, &files, &weight.to_string(), "blockIO.weight", "blkio")?;
+        out.set_any(path, &files, &weight.to_string(), "blockIO.weight", "blkio")?;
     }
     if dir.has("hugetlb") {
         for limit in r.hugepage_limits().iter().flatten() {
             let file = format!("hugetlb.{}.limit_in_bytes", limit.page_size());
-            write(&path.join(file), &limit.limit().to_string())?;
+            out.set(&path.join(file), &limit.limit().to_string())?;
         }
     }
     Ok(())
@@ -369,16 +424,21 @@ fn apply_v1(dir: &Dir, r: &LinuxResources) -> Result<(), CgroupError> {
 
 /// The memory limit and the memory-plus-swap limit, in an order the kernel accepts: the
 /// second may never be below the first, so whichever rises goes first.
-fn set_memory_v1(path: &Path, limit: Option<i64>, swap: Option<i64>) -> Result<(), CgroupError> {
+fn set_memory_v1(
+    out: &mut Settings,
+    path: &Path,
+    limit: Option<i64>,
+    swap: Option<i64>,
+) -> Result<(), CgroupError> {
     let limit_file = path.join("memory.limit_in_bytes");
     let swap_file = path.join("memory.memsw.limit_in_bytes");
     let Some(swap) = swap.filter(|&s| s != 0) else {
         if let Some(limit) = limit.filter(|&l| l != 0) {
-            write(&limit_file, &limit.to_string())?;
+            out.set(&limit_file, &limit.to_string())?;
         }
         return Ok(());
     };
-    if !swap_file.exists() {
+    if !swap_file.exists() && !out.planning() {
         return Err(CgroupError::Unavailable {
             what: "memory.swap",
             path: path.to_path_buf(),
@@ -392,28 +452,28 @@ fn set_memory_v1(path: &Path, limit: Option<i64>, swap: Option<i64>) -> Result<(
         .unwrap_or(i64::MAX);
     let swap_rises = swap == -1 || swap > current_swap;
     if swap_rises {
-        write(&swap_file, &swap.to_string())?;
+        out.set(&swap_file, &swap.to_string())?;
     }
     if let Some(limit) = limit.filter(|&l| l != 0) {
-        write(&limit_file, &limit.to_string())?;
+        out.set(&limit_file, &limit.to_string())?;
     }
     if !swap_rises {
-        write(&swap_file, &swap.to_string())?;
+        out.set(&swap_file, &swap.to_string())?;
     }
     Ok(())
 }
 
-fn apply_v2(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
+fn apply_v2(out: &mut Settings, path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
     if let Some(cpu) = r.cpu() {
         if let Some(cpus) = cpu.cpus() {
-            write_any(path, &["cpuset.cpus"], cpus, "cpu.cpus", "cpuset")?;
+            out.set_any(path, &["cpuset.cpus"], cpus, "cpu.cpus", "cpuset")?;
         }
         if let Some(mems) = cpu.mems() {
-            write_any(path, &["cpuset.mems"], mems, "cpu.mems", "cpuset")?;
+            out.set_any(path, &["cpuset.mems"], mems, "cpu.mems", "cpuset")?;
         }
         if let Some(shares) = cpu.shares().filter(|&s| s != 0) {
             let weight = cpu_weight(shares).to_string();
-            write_any(path, &["cpu.weight"], &weight, "cpu.shares", "cpu")?;
+            out.set_any(path, &["cpu.weight"], &weight, "cpu.shares", "cpu")?;
         }
         if cpu.quota().is_some_and(|q| q != 0) || cpu.period().is_some_and(|p| p != 0) {
             let quota = match cpu.quota() {
@@ -422,7 +482,7 @@ fn apply_v2(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
             };
             let period = cpu.period().filter(|&p| p != 0).unwrap_or(100_000);
             let value = format!("{quota} {period}");
-            write_any(path, &["cpu.max"], &value, "cpu.quota", "cpu")?;
+            out.set_any(path, &["cpu.max"], &value, "cpu.quota", "cpu")?;
         }
     }
     if r.devices().as_ref().is_some_and(|d| !d.is_empty()) {
@@ -434,11 +494,11 @@ fn apply_v2(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
     if let Some(memory) = r.memory() {
         if let Some(limit) = memory.limit().filter(|&l| l != 0) {
             let value = v2_limit(limit);
-            write_any(path, &["memory.max"], &value, "memory.limit", "memory")?;
+            out.set_any(path, &["memory.max"], &value, "memory.limit", "memory")?;
         }
         if let Some(reservation) = memory.reservation().filter(|&l| l != 0) {
             let value = v2_limit(reservation);
-            write_any(
+            out.set_any(
                 path,
                 &["memory.low"],
                 &value,
@@ -453,24 +513,24 @@ fn apply_v2(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
                 (swap, Some(limit)) if limit > 0 => swap.saturating_sub(limit).max(0).to_string(),
                 (swap, _) => swap.to_string(),
             };
-            write_any(path, &["memory.swap.max"], &value, "memory.swap", "memory")?;
+            out.set_any(path, &["memory.swap.max"], &value, "memory.swap", "memory")?;
         }
     }
     if let Some(pids) = r.pids()
         && pids.limit() != 0
     {
         let value = pids_max(pids.limit());
-        write_any(path, &["pids.max"], &value, "pids.limit", "pids")?;
+        out.set_any(path, &["pids.max"], &value, "pids.limit", "pids")?;
     }
     if let Some(weight) = r.block_io().as_ref().and_then(|b| b.weight())
         && weight != 0
     {
         let value = io_weight(weight).to_string();
-        write_any(path, &["io.weight"], &value, "blockIO.weight", "io")?;
+        out.set_any(path, &["io.weight"], &value, "blockIO.weight", "io")?;
     }
     for limit in r.hugepage_limits().iter().flatten() {
         let file = format!("hugetlb.{}.max", limit.page_size());
-        write_any(
+        out.set_any(
             path,
             &[&file],
             &limit.limit().to_string(),
@@ -479,11 +539,11 @@ fn apply_v2(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
         )?;
     }
     // The unified map is written last: it overrides what was converted.
-    apply_unified(path, r)
+    apply_unified(out, path, r)
 }
 
 /// Writes the `unified` map as it is, each key a file of the v2 cgroup.
-fn apply_unified(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
+fn apply_unified(out: &mut Settings, path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
     let unified: BTreeMap<_, _> = r.unified().iter().flatten().collect();
     for (key, value) in unified {
         if key.contains('/') || key.starts_with('.') {
@@ -493,7 +553,7 @@ fn apply_unified(path: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not a cgroup file name"),
             });
         }
-        write(&path.join(key), value)?;
+        out.set(&path.join(key), value)?;
     }
     Ok(())
 }
@@ -777,7 +837,7 @@ mod tests {
             "cpu": {"shares": 1024, "quota": 50000, "period": 100000},
             "unified": {"pids.max": "31"}
         }));
-        apply_v2(dir.path(), &r).expect("applies");
+        apply_v2(&mut Settings { planned: None }, dir.path(), &r).expect("applies");
         let read = |f: &str| fs::read_to_string(dir.path().join(f)).expect(f);
         assert_eq!(read("memory.max"), "67108864");
         assert_eq!(read("memory.swap.max"), "67108864");
@@ -786,7 +846,7 @@ mod tests {
         assert_eq!(read("pids.max"), "31", "the unified map has the last word");
 
         let r = resources(serde_json::json!({"blockIO": {"weight": 500}}));
-        let error = apply_v2(dir.path(), &r).expect_err("no io.weight");
+        let error = apply_v2(&mut Settings { planned: None }, dir.path(), &r).expect_err("no io");
         assert!(
             matches!(
                 error,
@@ -798,6 +858,6 @@ mod tests {
             "{error}"
         );
         let r = resources(serde_json::json!({"unified": {"../escape": "1"}}));
-        assert!(apply_v2(dir.path(), &r).is_err());
+        assert!(apply_v2(&mut Settings { planned: None }, dir.path(), &r).is_err());
     }
 }

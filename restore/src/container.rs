@@ -26,6 +26,7 @@ use thiserror::Error;
 
 use crate::cgroups::{self, CgroupError, Cgroups};
 use crate::hooks::{self, HookError, HookState};
+use crate::lsm::{self, LsmError, LsmProfile};
 use crate::mounts::{self, MountError};
 use crate::preflight;
 use crate::rpc::messages::{CgMode, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
@@ -121,6 +122,9 @@ pub enum RestoreError {
         /// The error findings.
         findings: Vec<Finding>,
     },
+    /// The LSM options are malformed, or the images could not be rewritten for them.
+    #[error(transparent)]
+    Lsm(#[from] LsmError),
     /// The container's cgroups could not be set up.
     #[error(transparent)]
     Cgroups(#[from] CgroupError),
@@ -283,7 +287,7 @@ struct State {
 }
 
 /// runc's container id rule.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id != "."
         && id != ".."
@@ -292,7 +296,7 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_+-.".contains(&b))
 }
 
-fn io_error(doing: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RestoreError {
+pub(crate) fn io_error(doing: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RestoreError {
     let path = path.to_path_buf();
     move |source| RestoreError::Io {
         doing,
@@ -363,9 +367,12 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     if let Some(work) = &options.work_path {
         fs::create_dir_all(work).map_err(io_error("create", work))?;
     }
+    // With a shadow CRIU reads the rewritten images, and still works (and logs) where it
+    // would have without one.
+    let shadow = write_shadow(options, &state_dir)?;
     let request = RestoreRequest {
-        images_dir: options.image_path.clone(),
-        work_dir: options.work_path.clone(),
+        images_dir: shadow.clone().unwrap_or_else(|| options.image_path.clone()),
+        work_dir: Some(work_dir.clone()),
         log_file: "restore.log".into(),
         log_level: 4,
         opts,
@@ -395,6 +402,10 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         "starting CRIU"
     );
     let outcome = criu.restore(&request, &mut handler);
+    if let Some(shadow) = &shadow {
+        // CRIU is done with the images; only links and rewritten copies go.
+        let _ = fs::remove_dir_all(shadow);
+    }
     cleanup.cgroups.append(&mut handler.created);
     if handler.hooks_ran {
         cleanup.poststop = Some((
@@ -454,16 +465,7 @@ fn validate(options: &Options, spec: &Spec, rootfs: &Path) -> Result<(), Restore
         );
         return Ok(());
     }
-    let work_dir = options.work_path.as_ref().unwrap_or(&options.image_path);
-    let report = preflight::check(&preflight::Plan {
-        images: &options.image_path,
-        work_dir,
-        spec,
-        rootfs,
-        lazy_pages: options.lazy_pages,
-        lsm_profile: options.lsm_profile.as_deref(),
-        lsm_mount_context: options.lsm_mount_context.as_deref(),
-    });
+    let report = preflight_report(options, spec, rootfs);
     for warning in report
         .findings
         .iter()
@@ -484,6 +486,59 @@ fn validate(options: &Options, spec: &Spec, rootfs: &Path) -> Result<(), Restore
     Err(RestoreError::Invalid {
         images: options.image_path.clone(),
         findings: errors,
+    })
+}
+
+/// The `--lsm-profile` and `--lsm-mount-context` of the options, parsed.
+pub(crate) fn lsm_options(
+    options: &Options,
+) -> Result<(Option<LsmProfile>, Option<&str>), RestoreError> {
+    let profile = options
+        .lsm_profile
+        .as_deref()
+        .map(str::parse::<LsmProfile>)
+        .transpose()?;
+    Ok((profile, options.lsm_mount_context.as_deref()))
+}
+
+/// Rewrites the LSM labels the options ask for into a shadow images directory inside the
+/// state directory, which links every unchanged image to the original; the user's images
+/// are never written. Returns the shadow, or `None` when nothing needs rewriting.
+fn write_shadow(options: &Options, state_dir: &Path) -> Result<Option<PathBuf>, RestoreError> {
+    let (profile, context) = lsm_options(options)?;
+    if profile.is_none() && context.is_none() {
+        return Ok(None);
+    }
+    let plan = lsm::plan(&options.image_path, profile.as_ref(), context)?;
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    let shadow = state_dir.join("shadow-images");
+    let done = lsm::write_shadow(&options.image_path, &shadow, profile.as_ref(), context)?;
+    tracing::debug!(
+        shadow = %shadow.display(),
+        changes = done.changes.len(),
+        images = ?done.images(),
+        "rewrote LSM labels into a shadow images directory"
+    );
+    Ok(Some(shadow))
+}
+
+/// The findings of [`preflight::check`] for this restore.
+pub(crate) fn preflight_report(
+    options: &Options,
+    spec: &Spec,
+    rootfs: &Path,
+) -> criu_images::validate::Report {
+    let work_dir = options.work_path.as_ref().unwrap_or(&options.image_path);
+    preflight::check(&preflight::Plan {
+        images: &options.image_path,
+        work_dir,
+        spec,
+        rootfs,
+        lazy_pages: options.lazy_pages,
+        lsm_profile: options.lsm_profile.as_deref(),
+        lsm_mount_context: options.lsm_mount_context.as_deref(),
     })
 }
 
@@ -644,7 +699,7 @@ fn require_versions(criu: &Criu, options: &Options, spec: &Spec) -> Result<(), R
 }
 
 /// The container's stdio as runc recorded it (`descriptors.json`).
-fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreError> {
+pub(crate) fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreError> {
     let path = images.join("descriptors.json");
     let text = fs::read_to_string(&path).map_err(|source| RestoreError::Descriptors {
         path: path.clone(),
@@ -656,7 +711,7 @@ fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreError> {
     })
 }
 
-fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreError> {
+pub(crate) fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreError> {
     let root = spec
         .root()
         .as_ref()
@@ -670,7 +725,7 @@ fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreE
 
 /// The RPC options runc sends for a restore (its `criu_linux.go`), from the flags and the
 /// bundle's mounts.
-fn criu_options(
+pub(crate) fn criu_options(
     options: &Options,
     spec: &Spec,
     rootfs: &Path,
@@ -760,36 +815,19 @@ fn namespace_files(
     opts: &mut CriuOpts,
 ) -> Result<Vec<File>, RestoreError> {
     let mut files = Vec::new();
-    let Some(linux) = spec.linux() else {
-        return Ok(files);
-    };
-    for ns in linux.namespaces().iter().flatten() {
-        let Some(path) = ns.path() else {
-            continue;
-        };
-        let (key, join) = match ns.typ() {
-            LinuxNamespaceType::Network => ("extRootNetNS", None),
-            LinuxNamespaceType::Pid => ("extRootPidNS", None),
-            LinuxNamespaceType::Ipc => ("", Some("ipc")),
-            LinuxNamespaceType::Uts => ("", Some("uts")),
-            LinuxNamespaceType::Mount => ("", Some("mnt")),
-            LinuxNamespaceType::User => ("", Some("user")),
-            LinuxNamespaceType::Time => ("", Some("time")),
-            other => {
-                return Err(RestoreError::BadConfig {
-                    path: config.to_path_buf(),
-                    problem: format!("cannot restore into an existing {other:?} namespace"),
+    for (path, existing) in existing_namespaces(spec, config)? {
+        let key = match existing {
+            ExistingNamespace::Join(kind) => {
+                opts.join_ns.push(JoinNamespace {
+                    ns: kind.to_owned(),
+                    ns_file: path.display().to_string(),
+                    extra_opt: None,
                 });
+                continue;
             }
+            ExistingNamespace::Inherit(key) => key,
         };
-        if let Some(kind) = join {
-            opts.join_ns.push(JoinNamespace {
-                ns: kind.to_owned(),
-                ns_file: path.display().to_string(),
-                extra_opt: None,
-            });
-            continue;
-        }
+        let path = &path;
         let file = File::open(path).map_err(io_error("open the namespace", path))?;
         // CRIU inherits the descriptor under the same number.
         fcntl(file.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(|source| {
@@ -806,6 +844,49 @@ fn namespace_files(
         files.push(file);
     }
     Ok(files)
+}
+
+/// How CRIU is handed a namespace the config names by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExistingNamespace {
+    /// Inherited as an open descriptor under runc's key (network and pid namespaces).
+    Inherit(&'static str),
+    /// Joined by CRIU (`join_ns`), with CRIU's name of the kind.
+    Join(&'static str),
+}
+
+/// The namespaces the config names by path, and how each reaches CRIU.
+pub(crate) fn existing_namespaces(
+    spec: &Spec,
+    config: &Path,
+) -> Result<Vec<(PathBuf, ExistingNamespace)>, RestoreError> {
+    let mut out = Vec::new();
+    for ns in spec
+        .linux()
+        .iter()
+        .flat_map(|l| l.namespaces().iter().flatten())
+    {
+        let Some(path) = ns.path() else {
+            continue;
+        };
+        let existing = match ns.typ() {
+            LinuxNamespaceType::Network => ExistingNamespace::Inherit("extRootNetNS"),
+            LinuxNamespaceType::Pid => ExistingNamespace::Inherit("extRootPidNS"),
+            LinuxNamespaceType::Ipc => ExistingNamespace::Join("ipc"),
+            LinuxNamespaceType::Uts => ExistingNamespace::Join("uts"),
+            LinuxNamespaceType::Mount => ExistingNamespace::Join("mnt"),
+            LinuxNamespaceType::User => ExistingNamespace::Join("user"),
+            LinuxNamespaceType::Time => ExistingNamespace::Join("time"),
+            other => {
+                return Err(RestoreError::BadConfig {
+                    path: config.to_path_buf(),
+                    problem: format!("cannot restore into an existing {other:?} namespace"),
+                });
+            }
+        };
+        out.push((path.clone(), existing));
+    }
+    Ok(out)
 }
 
 fn namespace_paths(spec: &Spec) -> BTreeMap<String, PathBuf> {

@@ -323,9 +323,7 @@ pub enum LsmError {
         source: WireError,
     },
     /// A field that should hold an embedded message holds a scalar.
-    #[error(
-        "image {path}, entry {entry} at offset {offset}: {field} is not an embedded message"
-    )]
+    #[error("image {path}, entry {entry} at offset {offset}: {field} is not an embedded message")]
     WireType {
         /// The image.
         path: PathBuf,
@@ -448,11 +446,17 @@ pub fn write_shadow(
     let shadow_real = fs::canonicalize(&dir.path).map_err(read_error(&dir.path))?;
     for (name, bytes) in &prepared.images {
         let from = source.join(name);
-        let mode = fs::metadata(&from).map_err(read_error(&from))?.permissions().mode();
+        let mode = fs::metadata(&from)
+            .map_err(read_error(&from))?
+            .permissions()
+            .mode();
         dir.write_image(name, bytes, mode)?;
     }
     for (name, file_type) in listing {
-        if name.to_str().is_some_and(|n| prepared.images.contains_key(n)) {
+        if name
+            .to_str()
+            .is_some_and(|n| prepared.images.contains_key(n))
+        {
             continue;
         }
         let from = source.join(&name);
@@ -497,6 +501,9 @@ fn is_numbered(name: &str, prefix: &str) -> bool {
         .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Checks the options, reads the images they concern and computes both the plan and the
+/// rewritten images, writing nothing; [`plan`] and [`write_shadow`] share it, so the plan
+/// returned is exactly what is written.
 fn prepare(
     images: &Path,
     profile: Option<&LsmProfile>,
@@ -543,7 +550,7 @@ fn prepare(
             Target::Core => profile.map_or(Ok(None), |p| edit_core(message, p)),
             Target::Mounts => mount_context.map_or(Ok(None), |c| edit_mount(message, c)),
         })?;
-        if let Some((bytes, changes)) = edited {
+        if let Some(RewrittenImage { bytes, changes }) = edited {
             prepared
                 .plan
                 .changes
@@ -691,15 +698,20 @@ impl From<ImageError> for RewriteFailure {
     }
 }
 
-/// Applies `edit` to every entry of the image `data`, which must be of kind `magic`.
-///
-/// Returns the new image and its changes by entry index, or `None` when nothing changed.
+/// A rewritten image and its changes, by entry index.
+struct RewrittenImage {
+    bytes: Vec<u8>,
+    changes: Vec<(usize, FieldChange)>,
+}
+
+/// Applies `edit` to every entry of the image `data`, which must be of kind `magic`; `None`
+/// when nothing changed.
 fn rewrite_image(
     path: &Path,
     data: &[u8],
     magic: &'static str,
     edit: impl Fn(&[u8]) -> Result<Edited, Fault>,
-) -> Result<Option<(Vec<u8>, Vec<(usize, FieldChange)>)>, LsmError> {
+) -> Result<Option<RewrittenImage>, LsmError> {
     let framing = |source| LsmError::Image {
         path: path.to_owned(),
         source,
@@ -727,7 +739,7 @@ fn rewrite_image(
         RewriteFailure::Edit(error) => error,
     })?;
 
-    Ok((!changes.is_empty()).then_some((bytes, changes)))
+    Ok((!changes.is_empty()).then_some(RewrittenImage { bytes, changes }))
 }
 
 /// Sets the inventory's `lsmtype` to `kind`'s.
@@ -747,7 +759,10 @@ fn edit_inventory(message: &[u8], kind: LsmKind) -> Result<Edited, Fault> {
         old: lsmtype_name(old),
         new: lsmtype_name(new),
     };
-    Ok(Some((set_field(&fields, INVENTORY_LSMTYPE, Some(&field)), vec![change])))
+    Ok(Some((
+        set_field(&fields, INVENTORY_LSMTYPE, Some(&field)),
+        vec![change],
+    )))
 }
 
 /// Sets one thread's `thread_core.creds.lsm_profile` (and `lsm_sockcreate`) for `profile`.
@@ -756,7 +771,11 @@ fn edit_core(message: &[u8], profile: &LsmProfile) -> Result<Edited, Fault> {
     let mut creds = Vec::new();
     for thread_core in embedded(&core, CORE_THREAD_CORE, "core_entry.thread_core")? {
         let thread_core = spans(thread_core).map_err(malformed("thread_core_entry"))?;
-        creds.extend(embedded(&thread_core, THREAD_CORE_CREDS, "thread_core_entry.creds")?);
+        creds.extend(embedded(
+            &thread_core,
+            THREAD_CORE_CREDS,
+            "thread_core_entry.creds",
+        )?);
     }
 
     // Repeated embedded messages merge, so the creds in effect are the concatenation of every
@@ -779,8 +798,18 @@ fn edit_core(message: &[u8], profile: &LsmProfile) -> Result<Edited, Fault> {
     let mut changes = Vec::new();
     let mut edits: Vec<(u32, Option<Vec<u8>>)> = Vec::new();
     for (number, name, old, new) in [
-        (CREDS_LSM_PROFILE, "thread_core.creds.lsm_profile", old_profile, new_profile),
-        (CREDS_LSM_SOCKCREATE, "thread_core.creds.lsm_sockcreate", old_sockcreate, new_sockcreate),
+        (
+            CREDS_LSM_PROFILE,
+            "thread_core.creds.lsm_profile",
+            old_profile,
+            new_profile,
+        ),
+        (
+            CREDS_LSM_SOCKCREATE,
+            "thread_core.creds.lsm_sockcreate",
+            old_sockcreate,
+            new_sockcreate,
+        ),
     ] {
         if old != new {
             changes.push(FieldChange::strings(name, old, new));
@@ -814,18 +843,20 @@ fn edit_mount(message: &[u8], context: &str) -> Result<Edited, Fault> {
     let Some(options) = last_bytes(&fields, MNT_OPTIONS) else {
         return Ok(None);
     };
-    let new = replace_context(options, context).map_err(|Unterminated| {
-        Fault::UnterminatedContext {
+    let new =
+        replace_context(options, context).map_err(|Unterminated| Fault::UnterminatedContext {
             options: String::from_utf8_lossy(options).into_owned(),
-        }
-    })?;
+        })?;
     let Some(new) = new.filter(|new| new.as_slice() != options) else {
         return Ok(None);
     };
 
     let field = bytes_field(MNT_OPTIONS, &new);
     let change = FieldChange::strings("options", Some(options), Some(&new));
-    Ok(Some((set_field(&fields, MNT_OPTIONS, Some(&field)), vec![change])))
+    Ok(Some((
+        set_field(&fields, MNT_OPTIONS, Some(&field)),
+        vec![change],
+    )))
 }
 
 /// A quoted `context=` value without its closing quote.
@@ -847,7 +878,10 @@ fn replace_context(options: &[u8], context: &str) -> Result<Option<Vec<u8>>, Unt
     // Like CRIU: a value that opens a quote runs to the closing quote, any other to the next
     // comma; a lone `"` at the very end counts as unquoted.
     let value_end = if rest.first() == Some(&b'"') && rest.len() > 1 {
-        let closing = rest[1..].iter().position(|&b| b == b'"').ok_or(Unterminated)?;
+        let closing = rest[1..]
+            .iter()
+            .position(|&b| b == b'"')
+            .ok_or(Unterminated)?;
         value + 1 + closing
     } else {
         value
@@ -967,22 +1001,23 @@ fn last_varint(fields: &[Span<'_>], number: u32) -> Option<u64> {
 /// An absent field is inserted before the first field with a higher number, where an encoder
 /// writing fields in number order (protobuf-c, for these messages) puts it.
 fn set_field(fields: &[Span<'_>], number: u32, field: Option<&[u8]>) -> Vec<u8> {
+    let new = field.unwrap_or_default();
     let mut out = Vec::new();
-    let mut placed = !fields.iter().any(|span| span.number == number) && field.is_none();
+    // A field that is there is replaced where it stands; only an absent one is inserted.
+    let mut placed = fields.iter().any(|span| span.number == number);
     for span in fields {
         if span.number == number {
-            out.extend_from_slice(field.unwrap_or_default());
-            placed = true;
+            out.extend_from_slice(new);
             continue;
         }
         if !placed && span.number > number {
-            out.extend_from_slice(field.unwrap_or_default());
+            out.extend_from_slice(new);
             placed = true;
         }
         out.extend_from_slice(span.raw);
     }
     if !placed {
-        out.extend_from_slice(field.unwrap_or_default());
+        out.extend_from_slice(new);
     }
     out
 }
@@ -1198,9 +1233,10 @@ mod tests {
     #[test]
     fn bad_profiles_are_refused_by_variant() {
         for value in ["", "selinux", "container_t"] {
+            let error = value.parse::<LsmProfile>();
             assert!(
-                matches!(value.parse::<LsmProfile>(), Err(LsmError::ProfileSyntax { value: v }) if v == value),
-                "{value:?}"
+                matches!(&error, Err(LsmError::ProfileSyntax { value: v }) if v == value),
+                "{value:?}: {error:?}"
             );
         }
         for (value, kind) in [("smack:x", "smack"), ("SELinux:x", "SELinux"), (":x", "")] {
@@ -1213,12 +1249,18 @@ mod tests {
         }
         for value in ["selinux:", "apparmor:"] {
             assert!(
-                matches!(value.parse::<LsmProfile>(), Err(LsmError::EmptyLabel { .. })),
+                matches!(
+                    value.parse::<LsmProfile>(),
+                    Err(LsmError::EmptyLabel { .. })
+                ),
                 "{value:?}"
             );
         }
 
-        let message = "smack:x".parse::<LsmProfile>().expect_err("bad").to_string();
+        let message = "smack:x"
+            .parse::<LsmProfile>()
+            .expect_err("bad")
+            .to_string();
         assert!(message.contains("\"smack\""), "{message}");
         assert!(message.contains("selinux, apparmor and none"), "{message}");
     }
@@ -1227,9 +1269,10 @@ mod tests {
     fn namespaced_apparmor_labels_are_refused() {
         for label in [":ns:profile", "a//&b", "a://b"] {
             let p = profile(&format!("apparmor:{label}"));
+            let error = check_apparmor_label(&p);
             assert!(
-                matches!(check_apparmor_label(&p), Err(LsmError::ApparmorNamespace { label: l }) if l == label),
-                "{label}"
+                matches!(&error, Err(LsmError::ApparmorNamespace { label: l }) if l == label),
+                "{label}: {error:?}"
             );
         }
         // Child profiles and hats are one token; SELinux labels are never AppArmor's business.
@@ -1251,15 +1294,16 @@ mod tests {
     /// three bytes), which a re-encoder would shorten.
     const PADDED_UNKNOWN: &[u8] = &[0x98, 0x86, 0x00, 0x2a];
 
-    /// creds_entry { uid 1, <unknown 99>, secbits 0, <unknown 40 bytes>, extra, no_new_privs 1 }
+    /// creds_entry { uid 1000, secbits 0, `extra`, no_new_privs 1, <unknown 40 bytes>,
+    /// <unknown 99> }, in number order as CRIU writes it, unknown fields (a newer CRIU's) last.
     fn creds(extra: &[u8]) -> Vec<u8> {
         [
             varint(1, 1000),
-            PADDED_UNKNOWN.to_vec(),
             varint(13, 0),
-            bytes(40, b"opaque"),
             extra.to_vec(),
             varint(18, 1),
+            bytes(40, b"opaque"),
+            PADDED_UNKNOWN.to_vec(),
         ]
         .concat()
     }
@@ -1291,8 +1335,8 @@ mod tests {
         let message = creds(&[]);
         let fields = spans(&message).expect("valid");
         let numbers: Vec<u32> = fields.iter().map(|s| s.number).collect();
-        assert_eq!(numbers, [1, 99, 13, 40, 18]);
-        assert_eq!(fields[1].raw, PADDED_UNKNOWN);
+        assert_eq!(numbers, [1, 13, 18, 40, 99]);
+        assert_eq!(fields[4].raw, PADDED_UNKNOWN);
         let joined: Vec<u8> = fields.iter().flat_map(|s| s.raw.iter().copied()).collect();
         assert_eq!(joined, message);
 
@@ -1305,9 +1349,10 @@ mod tests {
     #[test]
     fn setting_a_profile_inserts_only_that_field() {
         let label = "system_u:system_r:container_t:s0";
-        let (rewritten, changes) = edit_core(&core(&creds(&[])), &profile(&format!("selinux:{label}")))
-            .expect("edits")
-            .expect("a change");
+        let (rewritten, changes) =
+            edit_core(&core(&creds(&[])), &profile(&format!("selinux:{label}")))
+                .expect("edits")
+                .expect("a change");
 
         // The new field sits before no_new_privs (18); every other byte, the unknown fields
         // and the padded tag included, is as it was.
@@ -1325,14 +1370,21 @@ mod tests {
 
     #[test]
     fn replacing_and_removing_a_profile_touch_only_the_labels() {
-        let dumped = [bytes(15, b"old_u:old_r:old_t:s0"), bytes(16, b"sock_u:sock_r:sock_t:s0")]
-            .concat();
+        let dumped = [
+            bytes(15, b"old_u:old_r:old_t:s0"),
+            bytes(16, b"sock_u:sock_r:sock_t:s0"),
+        ]
+        .concat();
         let original = core(&creds(&dumped));
 
         let (selinux, changes) = edit_core(&original, &profile("selinux:new_u:new_r:new_t:s0"))
             .expect("edits")
             .expect("a change");
-        let both = [bytes(15, b"new_u:new_r:new_t:s0"), bytes(16, b"new_u:new_r:new_t:s0")].concat();
+        let both = [
+            bytes(15, b"new_u:new_r:new_t:s0"),
+            bytes(16, b"new_u:new_r:new_t:s0"),
+        ]
+        .concat();
         assert_eq!(selinux, core(&creds(&both)));
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[1].field, "thread_core.creds.lsm_sockcreate");
@@ -1357,7 +1409,10 @@ mod tests {
     #[test]
     fn a_thread_without_creds_cannot_take_a_label() {
         let bare = [varint(1, 1), bytes(5, &varint(1, 0))].concat();
-        assert_eq!(edit_core(&bare, &profile("selinux:a:b:c:s0")), Err(Fault::NoCreds));
+        assert_eq!(
+            edit_core(&bare, &profile("selinux:a:b:c:s0")),
+            Err(Fault::NoCreds)
+        );
         assert_eq!(edit_core(&bare, &profile("none:")), Ok(None));
 
         let scalar = [varint(1, 1), varint(5, 3)].concat();
@@ -1397,15 +1452,30 @@ mod tests {
 
     #[test]
     fn inventory_lsmtype_follows_the_profile() {
-        let inventory = [varint(1, 2), varint(6, 0), bytes(42, b"unknown"), varint(8, 9)].concat();
+        let inventory = [
+            varint(1, 2),
+            varint(6, 0),
+            bytes(42, b"unknown"),
+            varint(8, 9),
+        ]
+        .concat();
         let (rewritten, changes) = edit_inventory(&inventory, LsmKind::Selinux)
             .expect("edits")
             .expect("a change");
         assert_eq!(
             rewritten,
-            [varint(1, 2), varint(6, 1), bytes(42, b"unknown"), varint(8, 9)].concat()
+            [
+                varint(1, 2),
+                varint(6, 1),
+                bytes(42, b"unknown"),
+                varint(8, 9)
+            ]
+            .concat()
         );
-        assert_eq!((changes[0].old.as_str(), changes[0].new.as_str()), ("NO_LSM", "SELINUX"));
+        assert_eq!(
+            (changes[0].old.as_str(), changes[0].new.as_str()),
+            ("NO_LSM", "SELINUX")
+        );
         assert_eq!(edit_inventory(&inventory, LsmKind::None), Ok(None));
 
         // An absent lsmtype is NO_LSM to CRIU; APPARMOR is inserted before field 8.
@@ -1414,7 +1484,10 @@ mod tests {
         let (rewritten, _) = edit_inventory(&absent, LsmKind::Apparmor)
             .expect("edits")
             .expect("a change");
-        assert_eq!(rewritten, [varint(1, 2), varint(6, 2), varint(8, 9)].concat());
+        assert_eq!(
+            rewritten,
+            [varint(1, 2), varint(6, 2), varint(8, 9)].concat()
+        );
     }
 
     // -- mount contexts ---------------------------------------------------------------------
@@ -1436,10 +1509,16 @@ mod tests {
             replaced("rw,context=system_u:object_r:old_t:s0,size=65536k,mode=755"),
             Some(format!("rw,{new},size=65536k,mode=755"))
         );
-        assert_eq!(replaced("size=1k,context=old_t"), Some(format!("size=1k,{new}")));
+        assert_eq!(
+            replaced("size=1k,context=old_t"),
+            Some(format!("size=1k,{new}"))
+        );
         assert_eq!(replaced("context=\"a,b\""), Some(new.to_owned()));
         // A lone quote at the end is an unquoted value to CRIU.
-        assert_eq!(replaced("mode=755,context=\""), Some(format!("mode=755,{new}")));
+        assert_eq!(
+            replaced("mode=755,context=\""),
+            Some(format!("mode=755,{new}"))
+        );
         // Only the option named context, not fscontext and its kin.
         assert_eq!(
             replaced("fscontext=a:b:c:s0,context=\"x:y:z:s0\",defcontext=d:e:f:s0"),
@@ -1449,7 +1528,12 @@ mod tests {
 
     #[test]
     fn options_without_context_stay_as_they_are() {
-        for options in ["", "size=65536k,mode=755", "fscontext=a:b:c:s0", "x=\"a,context=b\""] {
+        for options in [
+            "",
+            "size=65536k,mode=755",
+            "fscontext=a:b:c:s0",
+            "x=\"a,context=b\"",
+        ] {
             assert_eq!(replaced(options), None, "{options:?}");
         }
         assert_eq!(
@@ -1491,12 +1575,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         for context in ["", "a\"b", "a\0b"] {
             assert!(
-                matches!(plan(dir.path(), None, Some(context)), Err(LsmError::MountContext { .. })),
+                matches!(
+                    plan(dir.path(), None, Some(context)),
+                    Err(LsmError::MountContext { .. })
+                ),
                 "{context:?}"
             );
         }
         // With nothing asked there is nothing to read, not even an inventory.
-        assert_eq!(plan(dir.path(), None, None).expect("empty plan"), RewritePlan::default());
+        assert_eq!(
+            plan(dir.path(), None, None).expect("empty plan"),
+            RewritePlan::default()
+        );
         assert!(matches!(
             plan(dir.path(), Some(&profile("none:")), None),
             Err(LsmError::Read { path, .. }) if path.ends_with("inventory.img")
@@ -1511,7 +1601,9 @@ mod tests {
         let path = dir.path().join("shadow");
         {
             let mut shadow = ShadowDir::create(&path, 0o700).expect("created");
-            shadow.write_image("core-1.img", b"abc", 0o600).expect("written");
+            shadow
+                .write_image("core-1.img", b"abc", 0o600)
+                .expect("written");
             assert_eq!(fs::read(path.join("core-1.img")).expect("file"), b"abc");
             assert_eq!(fs::metadata(&path).expect("dir").mode() & 0o777, 0o700);
         }
@@ -1520,10 +1612,16 @@ mod tests {
         fs::create_dir(&path).expect("empty dir");
         {
             let mut shadow = ShadowDir::create(&path, 0o700).expect("accepted");
-            shadow.write_image("inventory.img", b"x", 0o644).expect("written");
+            shadow
+                .write_image("inventory.img", b"x", 0o644)
+                .expect("written");
         }
         assert!(path.is_dir(), "a directory the caller made stays");
-        assert_eq!(fs::read_dir(&path).expect("dir").count(), 0, "but loses what was added");
+        assert_eq!(
+            fs::read_dir(&path).expect("dir").count(),
+            0,
+            "but loses what was added"
+        );
 
         fs::write(path.join("other"), b"").expect("file");
         assert!(matches!(
@@ -1557,7 +1655,12 @@ mod tests {
         assert!(done.is_empty());
 
         let link = shadow.join("pages-1.img");
-        assert!(fs::symlink_metadata(&link).expect("entry").file_type().is_symlink());
+        assert!(
+            fs::symlink_metadata(&link)
+                .expect("entry")
+                .file_type()
+                .is_symlink()
+        );
         let points_to = fs::read_link(&link).expect("link");
         assert!(points_to.is_absolute(), "{}", points_to.display());
         assert_eq!(fs::read(&link).expect("through the link"), b"pages");

@@ -6,7 +6,8 @@
 //!
 //! Exit codes: a detached restore exits 0 once the container runs; in the foreground the
 //! command exits with the container's status (128 plus the signal when it was killed); 1 means
-//! the restore failed (and nothing of it is left behind); 2 is a usage error.
+//! the restore failed or was refused by validation (and nothing of it is left behind); 2 is a
+//! usage error. `--dry-run` exits 0 when the restore would go ahead and 1 when it would not.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,14 @@ struct Cli {
     /// LSM mount context to use instead of the checkpointed one, for mounts that have one.
     #[arg(long, value_name = "CONTEXT")]
     lsm_mount_context: Option<String>,
+    /// Do everything but the restore: validate, and report the image rewrites, the CRIU
+    /// request, the mounts, namespaces, cgroups and hooks a restore would set up. Exits 0
+    /// when the restore would go ahead, 1 when it would be refused.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: print the report as JSON (schema in docs/dry-run-json.md).
+    #[arg(long, requires = "dry_run")]
+    json: bool,
     /// Restore without checking the checkpoint and the container first (for emergencies:
     /// problems then surface in CRIU, later and less clearly).
     #[arg(long)]
@@ -184,8 +193,9 @@ fn options(cli: &Cli) -> anyhow::Result<Options> {
         empty_network: !cli.empty_ns.is_empty(),
         auto_dedup: cli.auto_dedup,
         lazy_pages: cli.lazy_pages,
-        lsm_profile: cli.lsm_profile.clone(),
-        lsm_mount_context: cli.lsm_mount_context.clone(),
+        // runc takes an empty value for no value.
+        lsm_profile: cli.lsm_profile.clone().filter(|p| !p.is_empty()),
+        lsm_mount_context: cli.lsm_mount_context.clone().filter(|c| !c.is_empty()),
         skip_validation: cli.skip_validation,
     })
 }
@@ -221,6 +231,36 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints what a restore would do; 0 when it would go ahead, 1 when it would be refused or
+/// cannot even be planned.
+fn dry_run(options: &Options, json: bool) -> ExitCode {
+    let plan = match restore::dry_run::plan(options) {
+        Ok(plan) => plan,
+        Err(error) => {
+            eprintln!("restore: {:#}", anyhow::Error::new(error));
+            return ExitCode::from(1);
+        }
+    };
+    let text = if json {
+        match serde_json::to_string_pretty(&plan) {
+            Ok(text) => text + "\n",
+            Err(error) => {
+                eprintln!("restore: cannot encode the dry run: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        plan.text()
+    };
+    // A closed stdout is the reader's choice, not a failure of the dry run.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    if plan.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -237,6 +277,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A profile CRIU would refuse is a usage error, found before anything else.
+    if let Some(profile) = &options.lsm_profile
+        && let Err(error) = profile.parse::<restore::lsm::LsmProfile>()
+    {
+        eprintln!("restore: {error}");
+        return ExitCode::from(2);
+    }
+    if cli.dry_run {
+        return dry_run(&options, cli.json);
+    }
     if !cli.no_subreaper
         && let Err(error) = lifecycle::become_subreaper()
     {

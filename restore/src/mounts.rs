@@ -260,6 +260,65 @@ pub fn create_mountpoints(rootfs: &Path, mounts: &[Mount]) -> Result<(), MountEr
     Ok(())
 }
 
+/// A mount point that a restore would create.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MissingMountpoint {
+    /// The mount's destination in the container.
+    pub destination: PathBuf,
+    /// Where it would be made.
+    pub path: PathBuf,
+    /// Whether it would be a file (a bind mount of a file) rather than a directory.
+    pub file: bool,
+}
+
+/// The mount points [`create_mountpoints`] would create, without creating anything. Mount
+/// points below a bind mount are listed where they are in the rootfs, not in the bind
+/// source where they would really be made.
+///
+/// # Errors
+///
+/// As [`create_mountpoints`], for destinations that cannot be resolved or missing sources.
+pub fn missing_mountpoints(
+    rootfs: &Path,
+    mounts: &[Mount],
+) -> Result<Vec<MissingMountpoint>, MountError> {
+    let tmpfs: Vec<&Path> = mounts
+        .iter()
+        .filter(|m| m.typ().as_deref() == Some("tmpfs"))
+        .map(|m| m.destination().as_path())
+        .collect();
+    let mut missing = Vec::new();
+    for m in mounts {
+        let destination = m.destination();
+        if m.typ().as_deref() == Some("cgroup")
+            || tmpfs
+                .iter()
+                .any(|t| *t != destination && destination.starts_with(t))
+        {
+            continue;
+        }
+        let inside = resolve_in_root(rootfs, destination)?;
+        let relative = inside.strip_prefix("/").unwrap_or(&inside);
+        if relative.as_os_str().is_empty() {
+            continue;
+        }
+        let path = rootfs.join(relative);
+        if fs::symlink_metadata(&path).is_ok() {
+            continue;
+        }
+        let file = match m.source().as_ref().filter(|_| is_bind(m)) {
+            Some(source) => fs::metadata(source).is_ok_and(|meta| !meta.is_dir()),
+            None => false,
+        };
+        missing.push(MissingMountpoint {
+            destination: destination.clone(),
+            path,
+            file,
+        });
+    }
+    Ok(missing)
+}
+
 /// Creates a directory, or an empty file with its parent directories, unless something is
 /// there already.
 fn create_mountpoint(path: &Path, is_file: bool) -> io::Result<()> {

@@ -1591,3 +1591,159 @@ fn ipc_and_uts_namespace_paths_are_joined() {
     assert!(ipc, "the container joined the ipc namespace");
     assert!(uts, "the container joined the uts namespace");
 }
+
+/// Every file under `dir` with its bytes, for before-and-after comparisons.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_file())
+        .map(|e| (e.path(), fs::read(e.path()).expect("read")))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_dry_run_reports_the_restore_and_changes_nothing() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let before = snapshot(&scratch.path("images"));
+    let output = scratch
+        .restore("dry", &["--dry-run", "--json", "--lsm-profile", "none:"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(plan["valid"], true);
+    assert_eq!(plan["findings"], serde_json::json!([]));
+    let request = &plan["criu_request"];
+    assert_eq!(request["manage_cgroups_mode"], "soft");
+    assert_eq!(request["lsm_profile"], "none:");
+    assert_eq!(request["rst_sibling"], true);
+    assert!(
+        request["cg_root"]
+            .as_array()
+            .is_some_and(|roots| roots.iter().any(|r| r["path"] == format!("/{CGROUP}")))
+    );
+    assert!(
+        plan["cgroup_settings"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    );
+
+    // Nothing was set up and nothing written.
+    assert!(!scratch.path("state/dry").exists());
+    assert!(!scratch.path("work/restore.log").exists());
+    assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new());
+    assert_eq!(snapshot(&scratch.path("images")), before);
+
+    // A checkpoint that would be refused: the dry run says why and exits 1.
+    let core = scratch.path("images/core-1.img");
+    let bytes = fs::read(&core).expect("core");
+    fs::write(&core, &bytes[..bytes.len() / 2]).expect("truncate");
+    let output = scratch
+        .restore("dry", &["--dry-run"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("would refuse to restore"), "{text}");
+    assert!(text.contains("image-corrupt (core-1.img)"), "{text}");
+}
+
+#[test]
+fn lsm_labels_are_rewritten_into_a_shadow_and_the_originals_stay() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    // A checkpoint as if dumped under SELinux: the fixture with every thread labelled and
+    // the inventory saying SELINUX. This host runs no SELinux, so it restores only with its
+    // labels rewritten to none.
+    let scratch = Scratch::new();
+    let labelled = scratch.path("labelled");
+    let selinux: restore::lsm::LsmProfile = "selinux:system_u:system_r:container_t:s0"
+        .parse()
+        .expect("profile");
+    restore::lsm::write_shadow(&scratch.path("images"), &labelled, Some(&selinux), None)
+        .expect("labelled copy");
+    let labelled_arg = labelled.to_str().expect("utf-8");
+    let before = snapshot(&labelled);
+
+    let output = scratch
+        .restore("labelled", &["-d", "--image-path", labelled_arg])
+        .output()
+        .expect("runs");
+    let refused = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{refused}");
+    assert!(refused.contains("lsm-unavailable"), "{refused}");
+
+    let dry = scratch
+        .restore(
+            "labelled",
+            &["--dry-run", "--json", "--image-path", labelled_arg],
+        )
+        .args(["--lsm-profile", "none:"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("runs");
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).expect("JSON");
+    let fields: Vec<&str> = plan["rewrites"]
+        .as_array()
+        .expect("rewrites")
+        .iter()
+        .filter_map(|c| c["field"].as_str())
+        .collect();
+    assert!(fields.contains(&"lsmtype"), "{fields:?}");
+    assert!(
+        fields.contains(&"thread_core.creds.lsm_profile"),
+        "{fields:?}"
+    );
+    assert!(
+        plan["criu_request"]["images_dir"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("labelled/shadow-images")),
+        "{}",
+        plan["criu_request"]
+    );
+
+    let output = scratch
+        .restore(
+            "labelled",
+            &[
+                "-d",
+                "--image-path",
+                labelled_arg,
+                "--pid-file",
+                "pid",
+                "--lsm-profile",
+                "none:",
+            ],
+        )
+        .output()
+        .expect("runs");
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let first = counter();
+    sleep(Duration::from_millis(700));
+    let running = counter() > first;
+    let shadow_left = scratch.path("state/labelled/shadow-images").exists();
+    destroy(pid, &scratch.path("state"));
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(running, "the relabelled container runs on");
+    assert!(!shadow_left, "the shadow images go once CRIU is done");
+    assert_eq!(
+        snapshot(&labelled),
+        before,
+        "the checkpoint's images are untouched"
+    );
+}
