@@ -633,7 +633,11 @@ fn record_state(
 /// runc requires for the LSM options and for external namespaces, each named with the
 /// version found and the one needed, and kernel support for `--lazy-pages` (which runc leaves
 /// to CRIU to discover halfway through the restore).
-fn require_versions(criu: &Criu, options: &Options, spec: &Spec) -> Result<(), RestoreError> {
+pub(crate) fn require_versions(
+    criu: &Criu,
+    options: &Options,
+    spec: &Spec,
+) -> Result<(), RestoreError> {
     let namespace_path = |kind: LinuxNamespaceType| {
         spec.linux()
             .iter()

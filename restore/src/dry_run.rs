@@ -3,7 +3,8 @@
 //! [`plan`] loads the bundle and the images as a restore does, runs the same validation, and
 //! works out the CRIU request, the mount points to create, the external mounts, the
 //! namespaces, the cgroups with the settings written into them and the hooks, without
-//! creating a state directory, mounting, entering a cgroup or starting CRIU. [`DryRun`]
+//! creating a state directory, mounting or entering a cgroup. CRIU is only asked its version
+//! and features, when the options need them. [`DryRun`]
 //! serialises as the documented JSON of `--dry-run --json`; [`DryRun::text`] is the report for
 //! people.
 
@@ -19,7 +20,7 @@ use serde_json::{Value, json};
 use crate::cgroups::Cgroups;
 use crate::container::{
     ExistingNamespace, Options, RestoreError, criu_options, existing_namespaces, preflight_report,
-    read_descriptors, rootfs, valid_id,
+    read_descriptors, require_versions, rootfs, valid_id,
 };
 use crate::mounts::{self, MissingMountpoint};
 use crate::rpc::messages::{CgMode, CriuOpts};
@@ -81,6 +82,16 @@ pub fn plan(options: &Options) -> Result<DryRun, RestoreError> {
     } else {
         preflight_report(options, &spec, &rootfs).findings
     };
+    // The one thing of CRIU a dry run asks: whether it can do what the options want.
+    if let Err(error) = require_versions(&crate::rpc::Criu::new(&options.criu), options, &spec) {
+        findings.push(Finding::error(
+            "criu-unsuitable",
+            options.criu.display().to_string(),
+            chain(&error),
+            "install a CRIU that supports the options (tools/install-deps installs 4.1.1), or \
+             drop the options it lacks",
+        ));
+    }
     let state_dir = options.root.join(&options.id);
     if state_dir.exists() {
         findings.push(Finding::error(
@@ -368,6 +379,18 @@ impl DryRun {
         }
         out
     }
+}
+
+/// An error and its sources on one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A JSON value on one line; strings without their quotes.
