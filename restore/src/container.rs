@@ -26,6 +26,7 @@ use thiserror::Error;
 
 use crate::cgroups::{self, CgroupError, Cgroups};
 use crate::hooks::{self, HookError, HookState};
+use crate::lazy::{self, LazyDaemon, LazyError, PageServer};
 use crate::lsm::{self, LsmError, LsmProfile};
 use crate::mounts::{self, MountError};
 use crate::preflight;
@@ -122,6 +123,9 @@ pub enum RestoreError {
         /// The error findings.
         findings: Vec<Finding>,
     },
+    /// The lazy-pages daemon could not be started.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
     /// The LSM options are malformed, or the images could not be rewritten for them.
     #[error(transparent)]
     Lsm(#[from] LsmError),
@@ -215,6 +219,8 @@ pub struct Options {
     pub auto_dedup: bool,
     /// `--lazy-pages`.
     pub lazy_pages: bool,
+    /// `--page-server`: where a lazy-pages daemon started here fetches the pages from.
+    pub page_server: Option<PageServer>,
     /// `--lsm-profile`.
     pub lsm_profile: Option<String>,
     /// `--lsm-mount-context`.
@@ -232,6 +238,10 @@ struct Cleanup {
     pid: Option<i32>,
     /// The `poststop` hooks, once `prestart` hooks have run.
     poststop: Option<(Vec<Hook>, HookState)>,
+    /// A lazy-pages daemon this restore started.
+    lazy: Option<LazyDaemon>,
+    /// CRIU's work directory, where a CRIU that was killed leaves its cgroup yard mounted.
+    work_dir: Option<PathBuf>,
 }
 
 impl Cleanup {
@@ -242,7 +252,14 @@ impl Cleanup {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
         }
+        // Nobody is left to ask it for pages.
+        if let Some(mut daemon) = self.lazy.take() {
+            daemon.stop();
+        }
         self.release_root();
+        if let Some(work_dir) = self.work_dir.take() {
+            unmount_cgroup_yard(&work_dir);
+        }
         for cgroup in self.cgroups.drain(..).rev() {
             cgroups::remove(&cgroup);
         }
@@ -265,6 +282,26 @@ impl Cleanup {
             let _ = umount2(&root, MntFlags::MNT_DETACH);
             let _ = fs::remove_dir(root);
         }
+    }
+}
+
+/// Unmounts the cgroup yard (`.criu.cgyard.*`) a CRIU that did not finish left mounted in its
+/// work directory, deepest mounts first, and removes its directories.
+fn unmount_cgroup_yard(work_dir: &Path) {
+    let prefix = work_dir.join(".criu.cgyard.");
+    let prefix = prefix.to_string_lossy();
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|point| point.starts_with(prefix.as_ref()))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in &points {
+        let _ = umount2(Path::new(point), MntFlags::MNT_DETACH);
+    }
+    for point in points.iter().rev() {
+        let _ = fs::remove_dir(point);
     }
 }
 
@@ -390,6 +427,7 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         hooks: &container_hooks,
         hooks_ran: false,
         resources: spec.linux().as_ref().and_then(|l| l.resources().as_ref()),
+        lazy: None,
     };
     let criu = Criu::new(&options.criu);
     require_versions(&criu, options, &spec)?;
@@ -401,7 +439,21 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         inherited_fds = request.opts.inherit_fd.len(),
         "starting CRIU"
     );
+    if options.lazy_pages && !LazyDaemon::listening(&work_dir) {
+        let daemon = LazyDaemon::start(
+            &options.criu,
+            &request.images_dir,
+            &work_dir,
+            options.page_server.as_ref(),
+        )?;
+        handler.lazy = Some(daemon.guard());
+        cleanup.lazy = Some(daemon);
+    }
+    cleanup.work_dir = Some(work_dir.clone());
     let outcome = criu.restore(&request, &mut handler);
+    if let Some(guard) = &handler.lazy {
+        guard.done();
+    }
     if let Some(shadow) = &shadow {
         // CRIU is done with the images; only links and rewritten copies go.
         let _ = fs::remove_dir_all(shadow);
@@ -423,7 +475,14 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         );
     }
     cleanup.pid = handler.pid;
-    let restored = outcome?;
+    let restored = match outcome {
+        Ok(restored) => restored,
+        // CRIU was stopped because its lazy-pages daemon died: the daemon's log says why.
+        Err(error) => match cleanup.lazy.as_ref().and_then(LazyDaemon::failure) {
+            Some(failure) => return Err(failure.into()),
+            None => return Err(error.into()),
+        },
+    };
     drop(namespaces);
     cleanup.release_root();
 
@@ -445,7 +504,11 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
 
     tracing::info!(container = %options.id, pid, "restored");
     if options.detach {
-        // The container now lives on its own; nothing is undone any more.
+        // The container now lives on its own; nothing is undone any more. A lazy-pages
+        // daemon goes on serving it and exits once every page is delivered.
+        if let Some(daemon) = cleanup.lazy.take() {
+            daemon.release();
+        }
         *cleanup = Cleanup::default();
         return Ok(0);
     }
@@ -530,10 +593,8 @@ pub(crate) fn preflight_report(
     spec: &Spec,
     rootfs: &Path,
 ) -> criu_images::validate::Report {
-    let work_dir = options.work_path.as_ref().unwrap_or(&options.image_path);
     preflight::check(&preflight::Plan {
         images: &options.image_path,
-        work_dir,
         spec,
         rootfs,
         lazy_pages: options.lazy_pages,
@@ -919,6 +980,8 @@ struct Handler<'a> {
     hooks_ran: bool,
     /// The config's cgroup limits.
     resources: Option<&'a LinuxResources>,
+    /// The watch over a lazy-pages daemon this restore started.
+    lazy: Option<lazy::Guard>,
 }
 
 /// The config's hooks that a restore runs, and the state they are given.
@@ -971,6 +1034,9 @@ impl ContainerHooks {
 
 impl NotifyHandler for Handler<'_> {
     fn started(&mut self, criu_pid: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(guard) = &self.lazy {
+            guard.watch(criu_pid);
+        }
         // The restored tasks are created in CRIU's cgroups, so CRIU goes in first. In strict
         // mode CRIU itself creates the cgroups and refuses existing ones ("Abort restore of
         // existing cgroups"), so there it is left where it is. (runc moves CRIU in every mode,
@@ -1080,6 +1146,7 @@ mod tests {
             empty_network: true,
             auto_dedup: true,
             lazy_pages: true,
+            page_server: None,
             lsm_profile: Some("selinux:system_u:system_r:container_t:s0".into()),
             lsm_mount_context: Some("system_u:object_r:container_file_t:s0".into()),
             skip_validation: false,

@@ -52,6 +52,9 @@ pub struct DryRun {
     pub cgroup_settings: Vec<Value>,
     /// The hooks that would run, by kind.
     pub hooks: BTreeMap<&'static str, Vec<PathBuf>>,
+    /// With `--lazy-pages`: `listening` when a daemon serves the work directory already, else
+    /// the daemon the restore would start.
+    pub lazy_pages_daemon: Option<String>,
 }
 
 /// Works out what restoring with `options` would do.
@@ -152,6 +155,7 @@ pub fn plan(options: &Options) -> Result<DryRun, RestoreError> {
             .map(|(file, value)| json!({"file": file, "value": value}))
             .collect(),
         hooks: hooks(&spec),
+        lazy_pages_daemon: lazy_daemon(options, &images_dir),
         state_dir,
     })
 }
@@ -176,6 +180,29 @@ fn namespaces(spec: &Spec, config: &Path, opts: &mut CriuOpts) -> Result<Vec<Val
         }
     }
     Ok(out)
+}
+
+fn lazy_daemon(options: &Options, images_dir: &Path) -> Option<String> {
+    if !options.lazy_pages {
+        return None;
+    }
+    let work_dir = options.work_path.as_ref().unwrap_or(&options.image_path);
+    if crate::lazy::LazyDaemon::listening(work_dir) {
+        return Some("listening".to_owned());
+    }
+    let mut command = format!(
+        "{} lazy-pages --images-dir {} --work-dir {}",
+        options.criu.display(),
+        images_dir.display(),
+        work_dir.display()
+    );
+    if let Some(server) = &options.page_server {
+        command.push_str(&format!(
+            " --page-server --address {} --port {}",
+            server.host, server.port
+        ));
+    }
+    Some(command)
 }
 
 fn hooks(spec: &Spec) -> BTreeMap<&'static str, Vec<PathBuf>> {
@@ -366,6 +393,10 @@ impl DryRun {
         }
         for setting in &self.cgroup_settings {
             let _ = writeln!(out, "  write {}", compact(setting));
+        }
+
+        if let Some(daemon) = &self.lazy_pages_daemon {
+            let _ = writeln!(out, "\nLazy pages\n  daemon: {daemon}");
         }
 
         let _ = writeln!(out, "\nHooks");

@@ -5,13 +5,15 @@
 //! it: [`preflight`] checks everything it can before CRIU starts, [`cgroups`] places the
 //! container and writes its limits, [`mounts`] prepares the rootfs's mount points, [`hooks`]
 //! runs the config's OCI hooks, and [`lifecycle`] keeps a foreground container company until
-//! it exits. [`lsm`] rewrites the images' LSM labels into a shadow images directory, and
+//! it exits; [`lazy`] starts the lazy-pages daemon a `--lazy-pages` restore needs. [`lsm`]
+//! rewrites the images' LSM labels into a shadow images directory, and
 //! [`dry_run`] reports all of it without doing any.
 
 pub mod cgroups;
 pub mod container;
 pub mod dry_run;
 pub mod hooks;
+pub mod lazy;
 pub mod lifecycle;
 pub mod lsm;
 pub mod mounts;

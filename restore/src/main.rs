@@ -73,9 +73,14 @@ struct Cli {
     /// pages files, consuming the checkpoint.
     #[arg(long)]
     auto_dedup: bool,
-    /// Use lazy migration: pages are served on demand by a `criu lazy-pages` daemon.
+    /// Use lazy migration: pages are served on demand by a `criu lazy-pages` daemon (started
+    /// for the restore unless one listens in the work directory already).
     #[arg(long)]
     lazy_pages: bool,
+    /// With --lazy-pages: the daemon fetches the pages from this CRIU page server instead of
+    /// the images directory (lazy migration from another host).
+    #[arg(long, value_name = "HOST:PORT", requires = "lazy_pages")]
+    page_server: Option<String>,
     /// LSM profile to restore with, as TYPE:LABEL (TYPE is apparmor, selinux or none).
     #[arg(long, value_name = "TYPE:LABEL")]
     lsm_profile: Option<String>,
@@ -193,6 +198,7 @@ fn options(cli: &Cli) -> anyhow::Result<Options> {
         empty_network: !cli.empty_ns.is_empty(),
         auto_dedup: cli.auto_dedup,
         lazy_pages: cli.lazy_pages,
+        page_server: cli.page_server.as_deref().map(str::parse).transpose()?,
         // runc takes an empty value for no value.
         lsm_profile: cli.lsm_profile.clone().filter(|p| !p.is_empty()),
         lsm_mount_context: cli.lsm_mount_context.clone().filter(|c| !c.is_empty()),

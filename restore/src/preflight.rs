@@ -12,8 +12,7 @@
 //! | `rootfs-file-missing` | error | a file the processes have open is gone from the rootfs |
 //! | `rootfs-file-size` | error | a file the processes have open changed size (CRIU: "bad size") |
 //! | `lsm-unavailable` | error | an LSM profile this host's kernel does not run |
-//! | `lsm-mount-context-unused` | warning | `--lsm-mount-context` with no mount that has a context |
-//! | `lazy-pages-socket` | error | `--lazy-pages` without a lazy-pages daemon listening |
+//! | `lsm-mount-context-unused` | warning | `--lsm-mount-context`, and no mount has a context |
 //! | `pid-in-use` | error | a pid of the tree is taken in the pid namespace restored into |
 
 use std::collections::{BTreeSet, HashSet};
@@ -33,8 +32,6 @@ use crate::mounts;
 pub struct Plan<'a> {
     /// The images directory.
     pub images: &'a Path,
-    /// CRIU's work directory.
-    pub work_dir: &'a Path,
     /// The bundle's config.
     pub spec: &'a Spec,
     /// The rootfs, resolved.
@@ -63,21 +60,6 @@ pub fn check(plan: &Plan<'_>) -> Report {
     check_bind_mounts(plan, &mut report);
     check_rootfs_files(plan, &checkpoint, &mut report);
     check_lsm(plan, &checkpoint, &mut report);
-    if plan.lazy_pages && !plan.work_dir.join("lazy-pages.socket").exists() {
-        report.findings.push(Finding::error(
-            "lazy-pages-socket",
-            plan.work_dir
-                .join("lazy-pages.socket")
-                .display()
-                .to_string(),
-            "--lazy-pages needs a lazy-pages daemon, and none listens in the work directory",
-            format!(
-                "start `criu lazy-pages --images-dir {} --work-dir {}` first",
-                plan.images.display(),
-                plan.work_dir.display()
-            ),
-        ));
-    }
     check_pids(plan, &checkpoint, &mut report);
     report
 }

@@ -76,7 +76,6 @@ impl Bundle {
         let rootfs = self.rootfs();
         let report = check(&Plan {
             images: &images,
-            work_dir: self.dir.path(),
             spec: &self.spec,
             rootfs: &rootfs,
             lazy_pages,
@@ -160,7 +159,6 @@ fn an_lsm_this_host_lacks_is_refused_and_an_unused_context_is_a_warning() {
     let rootfs = bundle.rootfs();
     let report = check(&Plan {
         images: &images,
-        work_dir: bundle.dir.path(),
         spec: &bundle.spec,
         rootfs: &rootfs,
         lazy_pages: false,
@@ -171,16 +169,6 @@ fn an_lsm_this_host_lacks_is_refused_and_an_unused_context_is_a_warning() {
     assert_eq!(finding.code, "lsm-mount-context-unused");
     assert_eq!(finding.severity, Severity::Warning);
     assert!(!report.has_errors());
-}
-
-#[test]
-fn lazy_pages_need_a_daemon_socket() {
-    let Some(bundle) = Bundle::new() else {
-        return;
-    };
-    assert_eq!(bundle.codes(true, (None, None)), ["lazy-pages-socket"]);
-    fs::write(bundle.dir.path().join("lazy-pages.socket"), "").expect("stand-in socket");
-    assert_eq!(bundle.codes(true, (None, None)), Vec::<&str>::new());
 }
 
 #[test]

@@ -1747,3 +1747,150 @@ fn lsm_labels_are_rewritten_into_a_shadow_and_the_originals_stay() {
         "the checkpoint's images are untouched"
     );
 }
+
+/// Pids of running `criu lazy-pages` processes.
+fn lazy_daemons() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let text = String::from_utf8_lossy(&cmdline);
+                    text.contains("lazy-pages\0--images-dir")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn lazy_pages_start_their_own_daemon_which_serves_and_exits() {
+    if !ready() {
+        return;
+    }
+    if !Path::new("/dev/userfaultfd").exists() {
+        println!("skipped: no /dev/userfaultfd on this kernel");
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let output = scratch
+        .restore("lazy-own", &["-d", "--lazy-pages", "--pid-file", "pid"])
+        .output()
+        .expect("runs");
+    let pid: i32 = fs::read_to_string(scratch.path("pid"))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(-1);
+    let first = counter();
+    sleep(Duration::from_millis(700));
+    let running = counter() > first;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lazy_daemons().is_empty() && Instant::now() < deadline {
+        sleep(Duration::from_millis(50));
+    }
+    let left = lazy_daemons();
+    let log = fs::read_to_string(scratch.path("work/lazy-pages.log")).unwrap_or_default();
+    destroy(pid, &scratch.path("state"));
+    for daemon in &left {
+        let _ = kill(Pid::from_raw(*daemon), Signal::SIGKILL);
+    }
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(running, "the lazily restored container runs on");
+    assert!(
+        left.is_empty(),
+        "the daemon exits once it has served every page"
+    );
+    assert!(
+        log.contains("UFFD transferred pages"),
+        "the daemon served pages: {log}"
+    );
+}
+
+#[test]
+fn a_lazy_pages_daemon_that_fails_stops_the_restore_cleanly() {
+    if !ready() {
+        return;
+    }
+    if !Path::new("/dev/userfaultfd").exists() {
+        println!("skipped: no /dev/userfaultfd on this kernel");
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+
+    // No page server listens there: the daemon gives up before the restore starts.
+    let output = scratch
+        .restore(
+            "lazy-broken",
+            &["-d", "--lazy-pages", "--page-server", "127.0.0.1:9"],
+        )
+        .output()
+        .expect("runs");
+    let errors = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{errors}");
+    assert!(errors.contains("criu lazy-pages"), "{errors}");
+    assert!(!scratch.path("state/lazy-broken").exists());
+
+    // A page server that accepts and then fails while CRIU restores (CRIU 4.1.1's page
+    // server cannot serve lazy pages from an images directory): the daemon dies mid-restore,
+    // which would leave CRIU waiting forever; the restore stops it and cleans up.
+    let port = 27000 + (std::process::id() % 1000) as u16;
+    let source = scratch.path("source");
+    fs::create_dir(&source).expect("source dir");
+    for entry in fs::read_dir(scratch.path("images")).expect("images") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), source.join(entry.file_name())).expect("copy");
+    }
+    let mut server = Command::new("criu")
+        .args(["page-server", "--images-dir"])
+        .arg(&source)
+        .args([
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--lazy-pages",
+        ])
+        .args(["-o", "page-server.log"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("criu page-server starts");
+    sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let output = scratch
+        .restore(
+            "lazy-dies",
+            &[
+                "-d",
+                "--lazy-pages",
+                "--page-server",
+                &format!("127.0.0.1:{port}"),
+            ],
+        )
+        .output()
+        .expect("runs");
+    let took = started.elapsed();
+    let _ = server.kill();
+    let _ = server.wait();
+    let errors = stderr(&output);
+    for daemon in lazy_daemons() {
+        let _ = kill(Pid::from_raw(daemon), Signal::SIGKILL);
+    }
+
+    assert_eq!(output.status.code(), Some(1), "{errors}");
+    assert!(took < Duration::from_secs(60), "no hang: {took:?}");
+    assert!(
+        errors.contains("criu lazy-pages failed during the restore"),
+        "{errors}"
+    );
+    assert!(!scratch.path("state/lazy-dies").exists(), "no state");
+    assert!(!mounted_below(&scratch.path("state")), "no CRIU root");
+    assert!(!mounted_below(&scratch.path("work")), "no cgroup yard");
+    assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new(), "no cgroups");
+}
