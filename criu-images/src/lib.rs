@@ -44,6 +44,7 @@
 
 pub mod checkpoint;
 pub mod checksum;
+pub mod dedup;
 pub mod image;
 pub mod json;
 pub mod kind;

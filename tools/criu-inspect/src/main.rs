@@ -9,6 +9,7 @@
 //! that cannot be read or written). A closed stdout (`criu-inspect ... | head`) exits 0.
 
 mod crit;
+mod dedup;
 mod explore;
 mod inspect;
 mod memparse;
@@ -129,6 +130,26 @@ enum Command {
         #[arg(long)]
         page_size: Option<u64>,
     },
+    /// Punch out of the parent dumps the pages this dump holds again (as `criu dedup`): file
+    /// sizes and pagemaps stay, the superseded ranges become holes. Reports the bytes freed
+    /// per pages file and the page statistics of this dump. Refuses (exit 1) when another
+    /// images directory next to the chain uses a parent that would be punched.
+    Dedup {
+        /// Images directory (the newest dump of the chain).
+        dir: PathBuf,
+        /// Report what would be freed; punch nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Punch parents that other images directories also use.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON (schema in docs/dedup-json.md).
+        #[arg(long)]
+        json: bool,
+        /// Page size of the dumping machine in bytes (default: the architecture's usual one).
+        #[arg(long)]
+        page_size: Option<u64>,
+    },
 }
 
 /// The `crit x` listings.
@@ -199,6 +220,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 page_size,
             })
         }
+        Command::Dedup {
+            dir,
+            dry_run,
+            force,
+            json,
+            page_size,
+        } => dedup::run(&dedup::Request {
+            dir: &dir,
+            dry_run,
+            force,
+            json,
+            page_size,
+        }),
     }
 }
 
