@@ -90,6 +90,42 @@ impl MappedFile {
         }
     }
 
+    /// How many of the file's pages are in the page cache, and how many pages it has (a
+    /// file that was read is in memory whole).
+    ///
+    /// # Errors
+    ///
+    /// The error from `mincore`.
+    pub fn resident(&self) -> io::Result<(usize, usize)> {
+        let map = match &self.backing {
+            Backing::Empty => return Ok((0, 0)),
+            Backing::Read(_) => return Ok((1, 1)),
+            Backing::Mapped(map) => map,
+        };
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|&p| p > 0)
+            .unwrap_or(4096);
+        let pages = map.len().div_ceil(page);
+        let mut residency = vec![0u8; pages];
+        // SAFETY: the address and length are those of a live mapping (page aligned, as mmap
+        // returns it), and `residency` has one byte for each of its pages, which is what
+        // mincore writes; the mapping's contents are not touched.
+        let result = unsafe {
+            nix::libc::mincore(
+                map.as_ptr().cast_mut().cast(),
+                map.len(),
+                residency.as_mut_ptr(),
+            )
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((residency.iter().filter(|&&b| b & 1 == 1).count(), pages))
+    }
+
     /// Hints the kernel that the whole file will be read soon (`MADV_WILLNEED`); a file that
     /// was read is in memory already.
     ///
@@ -102,6 +138,28 @@ impl MappedFile {
             Backing::Empty | Backing::Read(_) => Ok(()),
         }
     }
+}
+
+/// How many pages of the file at `path` are in the page cache, and how many pages it has:
+/// a way to tell whether reading it will touch the disk. Safe, unlike [`MappedFile::open`],
+/// because the file's contents are never read: a file truncated meanwhile only changes the
+/// answer.
+///
+/// # Errors
+///
+/// Errors opening or mapping the file, or from `mincore`.
+pub fn page_cache_residency(path: &Path) -> io::Result<(usize, usize)> {
+    let file = File::open(path)?;
+    if file.metadata()?.len() == 0 {
+        return Ok((0, 0));
+    }
+    // SAFETY: the map is private to this function and only its residency is asked for; no
+    // byte of it is read, so a concurrent truncation cannot fault.
+    let map = unsafe { Mmap::map(&file)? };
+    MappedFile {
+        backing: Backing::Mapped(map),
+    }
+    .resident()
 }
 
 #[cfg(test)]
@@ -124,6 +182,9 @@ mod tests {
         let file = open(&large);
         assert!(matches!(file.backing, Backing::Mapped(_)));
         assert_eq!(file.bytes(), &large[..]);
+        let (resident, pages) = file.resident().expect("mincore");
+        assert_eq!(pages, (READ_LIMIT as usize * 3).div_ceil(4096));
+        assert!(resident <= pages);
         let edge = vec![7u8; READ_LIMIT as usize];
         let file = open(&edge);
         assert!(matches!(file.backing, Backing::Read(_)));

@@ -30,6 +30,7 @@ use crate::lazy::{self, LazyDaemon, LazyError, PageServer};
 use crate::lsm::{self, LsmError, LsmProfile};
 use crate::mounts::{self, MountError};
 use crate::preflight;
+use crate::preload::{PreloadMode, Preloader};
 use crate::rpc::messages::{CgMode, CriuFeatures, CriuOpts, ExtMountMap, InheritFd, JoinNamespace};
 use crate::rpc::{Criu, Notification, NotifyHandler, RestoreRequest, RpcError, Version};
 
@@ -221,6 +222,8 @@ pub struct Options {
     pub lazy_pages: bool,
     /// `--page-server`: where a lazy-pages daemon started here fetches the pages from.
     pub page_server: Option<PageServer>,
+    /// `--preload`: whether the pages files are read ahead of CRIU.
+    pub preload: PreloadMode,
     /// `--lsm-profile`.
     pub lsm_profile: Option<String>,
     /// `--lsm-mount-context`.
@@ -450,7 +453,11 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         cleanup.lazy = Some(daemon);
     }
     cleanup.work_dir = Some(work_dir.clone());
+    let preloader = Preloader::start(&request.images_dir, options.preload);
     let outcome = criu.restore(&request, &mut handler);
+    if let Some(preloader) = preloader {
+        preloader.finish();
+    }
     if let Some(guard) = &handler.lazy {
         guard.done();
     }
@@ -598,6 +605,7 @@ pub(crate) fn preflight_report(
         spec,
         rootfs,
         lazy_pages: options.lazy_pages,
+        auto_dedup: options.auto_dedup,
         lsm_profile: options.lsm_profile.as_deref(),
         lsm_mount_context: options.lsm_mount_context.as_deref(),
     })
@@ -1147,6 +1155,7 @@ mod tests {
             auto_dedup: true,
             lazy_pages: true,
             page_server: None,
+            preload: PreloadMode::Off,
             lsm_profile: Some("selinux:system_u:system_r:container_t:s0".into()),
             lsm_mount_context: Some("system_u:object_r:container_file_t:s0".into()),
             skip_validation: false,

@@ -87,6 +87,10 @@ struct Cli {
     /// LSM mount context to use instead of the checkpointed one, for mounts that have one.
     #[arg(long, value_name = "CONTEXT")]
     lsm_mount_context: Option<String>,
+    /// Read the pages files into the page cache ahead of CRIU, in the order CRIU reads
+    /// them (auto: when they hold more than 64 MiB).
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = Preload::Auto)]
+    preload: Preload,
     /// Do everything but the restore: validate, and report the image rewrites, the CRIU
     /// request, the mounts, namespaces, cgroups and hooks a restore would set up. Exits 0
     /// when the restore would go ahead, 1 when it would be refused.
@@ -132,6 +136,17 @@ enum CgroupsMode {
     Strict,
     /// Leave cgroups alone.
     Ignore,
+}
+
+/// When to preload the pages files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Preload {
+    /// When the pages files are large.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
 }
 
 /// Log line format.
@@ -199,6 +214,11 @@ fn options(cli: &Cli) -> anyhow::Result<Options> {
         auto_dedup: cli.auto_dedup,
         lazy_pages: cli.lazy_pages,
         page_server: cli.page_server.as_deref().map(str::parse).transpose()?,
+        preload: match cli.preload {
+            Preload::Auto => restore::preload::PreloadMode::Auto,
+            Preload::On => restore::preload::PreloadMode::On,
+            Preload::Off => restore::preload::PreloadMode::Off,
+        },
         // runc takes an empty value for no value.
         lsm_profile: cli.lsm_profile.clone().filter(|p| !p.is_empty()),
         lsm_mount_context: cli.lsm_mount_context.clone().filter(|c| !c.is_empty()),

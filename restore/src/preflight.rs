@@ -14,6 +14,7 @@
 //! | `lsm-unavailable` | error | an LSM profile this host's kernel does not run |
 //! | `lsm-mount-context-unused` | warning | `--lsm-mount-context`, and no mount has a context |
 //! | `pid-in-use` | error | a pid of the tree is taken in the pid namespace restored into |
+//! | `auto-dedup-consumes` | warning | `--auto-dedup` will consume the checkpoint |
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
@@ -38,6 +39,8 @@ pub struct Plan<'a> {
     pub rootfs: &'a Path,
     /// `--lazy-pages`.
     pub lazy_pages: bool,
+    /// `--auto-dedup`.
+    pub auto_dedup: bool,
     /// `--lsm-profile`.
     pub lsm_profile: Option<&'a str>,
     /// `--lsm-mount-context`.
@@ -61,6 +64,15 @@ pub fn check(plan: &Plan<'_>) -> Report {
     check_rootfs_files(plan, &checkpoint, &mut report);
     check_lsm(plan, &checkpoint, &mut report);
     check_pids(plan, &checkpoint, &mut report);
+    if plan.auto_dedup {
+        report.findings.push(Finding::warning(
+            "auto-dedup-consumes",
+            plan.images.display().to_string(),
+            "--auto-dedup makes CRIU punch every restored page out of the pages files: the \
+             checkpoint cannot be restored again afterwards",
+            "copy the checkpoint first if it may be needed again, or drop --auto-dedup",
+        ));
+    }
     report
 }
 

@@ -79,6 +79,7 @@ impl Bundle {
             spec: &self.spec,
             rootfs: &rootfs,
             lazy_pages,
+            auto_dedup: false,
             lsm_profile: lsm.0,
             lsm_mount_context: lsm.1,
         });
@@ -162,6 +163,7 @@ fn an_lsm_this_host_lacks_is_refused_and_an_unused_context_is_a_warning() {
         spec: &bundle.spec,
         rootfs: &rootfs,
         lazy_pages: false,
+        auto_dedup: false,
         lsm_profile: None,
         lsm_mount_context: Some("system_u:object_r:container_file_t:s0"),
     });
@@ -212,4 +214,29 @@ fn pids_taken_in_the_target_pid_namespace_are_refused() {
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(codes, ["pid-in-use"]);
+}
+
+#[test]
+fn auto_dedup_is_a_warning_that_the_checkpoint_is_consumed() {
+    let Some(bundle) = Bundle::new() else {
+        return;
+    };
+    let images = bundle.images();
+    let rootfs = bundle.rootfs();
+    let report = check(&Plan {
+        images: &images,
+        spec: &bundle.spec,
+        rootfs: &rootfs,
+        lazy_pages: false,
+        auto_dedup: true,
+        lsm_profile: None,
+        lsm_mount_context: None,
+    });
+    let codes: Vec<_> = report
+        .findings
+        .iter()
+        .map(|f| (f.code, f.severity))
+        .collect();
+    assert_eq!(codes, [("auto-dedup-consumes", Severity::Warning)]);
+    assert!(!report.has_errors());
 }
