@@ -308,13 +308,14 @@ fn corrupt(image: &str, error: &dyn std::error::Error) -> Finding {
     Finding::error(
         "image-corrupt",
         image,
-        chain(error),
+        error_chain(error),
         "the image is damaged: copy the checkpoint again, or dump the process again",
     )
 }
 
-/// An error with its sources, as one line.
-fn chain(error: &dyn std::error::Error) -> String {
+/// An error with its sources, as one line (`outer: inner: innermost`), the way a finding's
+/// message states what went wrong.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -548,7 +549,7 @@ fn memory_finding(pagemap: &str, error: &MemoryError) -> Finding {
             "the memory images are unreadable: check permissions, or copy them again",
         ),
     };
-    Finding::error(code, pagemap, chain(error), hint)
+    Finding::error(code, pagemap, error_chain(error), hint)
 }
 
 /// Every dumped range lies inside the process's mappings (adjacent mappings may share one

@@ -327,7 +327,7 @@ struct State {
 }
 
 /// runc's container id rule.
-pub(crate) fn valid_id(id: &str) -> bool {
+fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id != "."
         && id != ".."
@@ -363,7 +363,20 @@ pub fn restore(options: &Options) -> Result<i32, RestoreError> {
     }
 }
 
-fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, RestoreError> {
+/// What a restore reads before it checks or sets up anything.
+pub(crate) struct Loaded {
+    /// The bundle's config.
+    pub(crate) spec: Spec,
+    /// Where it was read from.
+    pub(crate) config_path: PathBuf,
+    /// The container's stdio as runc recorded it.
+    pub(crate) descriptors: Vec<String>,
+    /// The rootfs, resolved.
+    pub(crate) rootfs: PathBuf,
+}
+
+/// Checks the id and reads the bundle's config, the checkpoint's stdio record and the rootfs.
+pub(crate) fn load(options: &Options) -> Result<Loaded, RestoreError> {
     if !valid_id(&options.id) {
         return Err(RestoreError::InvalidId(options.id.clone()));
     }
@@ -379,6 +392,21 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     }
     let descriptors = read_descriptors(&options.image_path)?;
     let rootfs = rootfs(&spec, &options.bundle, &config_path)?;
+    Ok(Loaded {
+        spec,
+        config_path,
+        descriptors,
+        rootfs,
+    })
+}
+
+fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, RestoreError> {
+    let Loaded {
+        spec,
+        config_path,
+        descriptors,
+        rootfs,
+    } = load(options)?;
     validate(options, &spec, &rootfs)?;
 
     let (state_dir, criu_root) = prepare_state(options, &spec, &rootfs, cleanup)?;
@@ -772,7 +800,7 @@ pub(crate) fn require_versions(
 }
 
 /// The container's stdio as runc recorded it (`descriptors.json`).
-pub(crate) fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreError> {
+fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreError> {
     let path = images.join("descriptors.json");
     let text = fs::read_to_string(&path).map_err(|source| RestoreError::Descriptors {
         path: path.clone(),
@@ -784,7 +812,7 @@ pub(crate) fn read_descriptors(images: &Path) -> Result<Vec<String>, RestoreErro
     })
 }
 
-pub(crate) fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreError> {
+fn rootfs(spec: &Spec, bundle: &Path, config: &Path) -> Result<PathBuf, RestoreError> {
     let root = spec
         .root()
         .as_ref()

@@ -12,15 +12,15 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use criu_images::validate::{Finding, Severity};
+use criu_images::validate::{Finding, Severity, error_chain};
 use oci_spec::runtime::Spec;
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::cgroups::Cgroups;
 use crate::container::{
-    ExistingNamespace, Options, RestoreError, criu_options, existing_namespaces, preflight_report,
-    read_descriptors, require_versions, rootfs, valid_id,
+    ExistingNamespace, Loaded, Options, RestoreError, criu_options, existing_namespaces, load,
+    preflight_report, require_versions,
 };
 use crate::mounts::{self, MissingMountpoint};
 use crate::rpc::messages::{CgMode, CriuOpts};
@@ -64,21 +64,12 @@ pub struct DryRun {
 /// What stops a restore before validation can even run: a bad id, a bundle without a config
 /// or rootfs, an images directory without a checkpoint or `descriptors.json`.
 pub fn plan(options: &Options) -> Result<DryRun, RestoreError> {
-    if !valid_id(&options.id) {
-        return Err(RestoreError::InvalidId(options.id.clone()));
-    }
-    let config_path = options.bundle.join("config.json");
-    let spec = Spec::load(&config_path).map_err(|source| RestoreError::Config {
-        path: config_path.clone(),
-        source,
-    })?;
-    if !options.image_path.join("inventory.img").is_file() {
-        return Err(RestoreError::NoCheckpoint {
-            dir: options.image_path.clone(),
-        });
-    }
-    let descriptors = read_descriptors(&options.image_path)?;
-    let rootfs = rootfs(&spec, &options.bundle, &config_path)?;
+    let Loaded {
+        spec,
+        config_path,
+        descriptors,
+        rootfs,
+    } = load(options)?;
 
     let mut findings = if options.skip_validation {
         Vec::new()
@@ -90,7 +81,7 @@ pub fn plan(options: &Options) -> Result<DryRun, RestoreError> {
         findings.push(Finding::error(
             "criu-unsuitable",
             options.criu.display().to_string(),
-            chain(&error),
+            error_chain(&error),
             "install a CRIU that supports the options (tools/install-deps installs 4.1.1), or \
              drop the options it lacks",
         ));
@@ -410,18 +401,6 @@ impl DryRun {
         }
         out
     }
-}
-
-/// An error and its sources on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A JSON value on one line; strings without their quotes.

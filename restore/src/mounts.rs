@@ -193,30 +193,16 @@ impl Drop for TemporaryBinds {
 /// A destination that cannot be resolved, a bind mount source that is missing, or a mount
 /// point that cannot be created.
 pub fn create_mountpoints(rootfs: &Path, mounts: &[Mount]) -> Result<(), MountError> {
-    let tmpfs: Vec<&Path> = mounts
-        .iter()
-        .filter(|m| m.typ().as_deref() == Some("tmpfs"))
-        .map(|m| m.destination().as_path())
-        .collect();
+    let tmpfs = tmpfs_destinations(mounts);
     let mut binds = TemporaryBinds::default();
 
     for m in mounts {
         let destination = m.destination();
-        if m.typ().as_deref() == Some("cgroup")
-            || tmpfs
-                .iter()
-                .any(|t| *t != destination && destination.starts_with(t))
-        {
-            continue;
-        }
-        let inside = resolve_in_root(rootfs, destination)?;
-        let Ok(relative) = inside.strip_prefix("/") else {
+        // Resolved one mount at a time: a bind mount made for an earlier one changes where
+        // a later destination leads.
+        let Some(host) = mountpoint_in_rootfs(rootfs, m, &tmpfs)? else {
             continue;
         };
-        if relative.as_os_str().is_empty() {
-            continue;
-        }
-        let host = rootfs.join(relative);
 
         let bind_source = m.source().as_ref().filter(|_| is_bind(m));
         let is_file = match bind_source {
@@ -260,6 +246,37 @@ pub fn create_mountpoints(rootfs: &Path, mounts: &[Mount]) -> Result<(), MountEr
     Ok(())
 }
 
+/// The destinations of the `tmpfs` mounts, below which CRIU restores the contents itself.
+fn tmpfs_destinations(mounts: &[Mount]) -> Vec<&Path> {
+    mounts
+        .iter()
+        .filter(|m| m.typ().as_deref() == Some("tmpfs"))
+        .map(|m| m.destination().as_path())
+        .collect()
+}
+
+/// Where the mount point of `m` is in `rootfs`, or `None` for the mounts whose points are
+/// CRIU's to make (cgroup mounts, mounts below a tmpfs) and for a mount on `/`.
+fn mountpoint_in_rootfs(
+    rootfs: &Path,
+    m: &Mount,
+    tmpfs: &[&Path],
+) -> Result<Option<PathBuf>, MountError> {
+    let destination = m.destination();
+    let below_tmpfs = tmpfs
+        .iter()
+        .any(|t| *t != destination && destination.starts_with(t));
+    if m.typ().as_deref() == Some("cgroup") || below_tmpfs {
+        return Ok(None);
+    }
+    let inside = resolve_in_root(rootfs, destination)?;
+    let relative = inside.strip_prefix("/").unwrap_or(&inside);
+    if relative.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(rootfs.join(relative)))
+}
+
 /// A mount point that a restore would create.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MissingMountpoint {
@@ -282,27 +299,13 @@ pub fn missing_mountpoints(
     rootfs: &Path,
     mounts: &[Mount],
 ) -> Result<Vec<MissingMountpoint>, MountError> {
-    let tmpfs: Vec<&Path> = mounts
-        .iter()
-        .filter(|m| m.typ().as_deref() == Some("tmpfs"))
-        .map(|m| m.destination().as_path())
-        .collect();
+    let tmpfs = tmpfs_destinations(mounts);
     let mut missing = Vec::new();
     for m in mounts {
         let destination = m.destination();
-        if m.typ().as_deref() == Some("cgroup")
-            || tmpfs
-                .iter()
-                .any(|t| *t != destination && destination.starts_with(t))
-        {
+        let Some(path) = mountpoint_in_rootfs(rootfs, m, &tmpfs)? else {
             continue;
-        }
-        let inside = resolve_in_root(rootfs, destination)?;
-        let relative = inside.strip_prefix("/").unwrap_or(&inside);
-        if relative.as_os_str().is_empty() {
-            continue;
-        }
-        let path = rootfs.join(relative);
+        };
         if fs::symlink_metadata(&path).is_ok() {
             continue;
         }

@@ -38,6 +38,10 @@ const WINDOW: u64 = 64 << 20;
 /// How long the thread waits when it is a window ahead.
 const POLL: Duration = Duration::from_millis(2);
 
+/// How long the cached part of a file may stand still before the thread gives up on it:
+/// nobody (neither CRIU nor the kernel's read-ahead) is reading it any more.
+const STALL: Duration = Duration::from_secs(2);
+
 /// `--preload`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreloadMode {
@@ -111,6 +115,8 @@ fn read_ahead(path: &Path, shared: &Shared) {
     };
     let len = file.metadata().map_or(0, |m| m.len());
     let mut asked = 0;
+    let mut last_cached = 0;
+    let mut moved = Instant::now();
     while asked < len && !shared.stop.load(Ordering::SeqCst) {
         let Ok((resident, pages)) = page_cache_residency(path) else {
             return;
@@ -123,7 +129,14 @@ fn read_ahead(path: &Path, shared: &Shared) {
         let page = len.div_ceil(u64::try_from(pages.max(1)).unwrap_or(1));
         let cached = u64::try_from(resident).unwrap_or(0).saturating_mul(page);
         let target = cached.saturating_add(WINDOW).min(len);
+        if cached != last_cached {
+            last_cached = cached;
+            moved = Instant::now();
+        }
         if target <= asked {
+            if moved.elapsed() > STALL {
+                return;
+            }
             std::thread::sleep(POLL);
             continue;
         }
@@ -233,10 +246,10 @@ mod tests {
 
         let shared = Shared::default();
         read_ahead(&path, &shared);
-        assert_eq!(
-            shared.requested.load(Ordering::SeqCst),
-            len,
-            "the whole file was asked for"
+        let requested = shared.requested.load(Ordering::SeqCst);
+        assert!(
+            requested > 0 && requested <= len,
+            "asked for {requested} of {len} bytes"
         );
         // WILLNEED is a request: the kernel reads what it chooses to, but it reads.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -248,13 +261,15 @@ mod tests {
             assert!(Instant::now() < deadline, "nothing was read ahead");
             std::thread::sleep(Duration::from_millis(10));
         }
-        // Whatever the kernel left out, a read brings in; then the file counts as cached.
+        // Whatever the kernel left out, a read brings in; then the file counts as cached and
+        // is not asked for again (unless the kernel has already reclaimed some of it).
         let _ = std::fs::read(&path).expect("read");
-
-        // A cached file is not asked for again, and a stopped preloader asks for nothing.
         let shared = Shared::default();
+        let (resident, _) = page_cache_residency(&path).expect("mincore");
         read_ahead(&path, &shared);
-        assert_eq!(shared.requested.load(Ordering::SeqCst), 0);
+        if resident == pages {
+            assert_eq!(shared.requested.load(Ordering::SeqCst), 0);
+        }
         assert!(Preloader::start(dir.path(), PreloadMode::Auto).is_none());
         assert!(Preloader::start(dir.path(), PreloadMode::Off).is_none());
     }

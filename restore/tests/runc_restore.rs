@@ -80,6 +80,14 @@ impl Scratch {
         self.dir.path().join(name)
     }
 
+    /// The pid in the pid file `pid` of the scratch directory, or -1.
+    fn pid(&self) -> i32 {
+        fs::read_to_string(self.path("pid"))
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(-1)
+    }
+
     fn restore(&self, id: &str, extra: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_restore"));
         command
@@ -104,6 +112,25 @@ fn counter() -> u64 {
         .ok()
         .and_then(|t| t.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Whether the fixture container's counter goes on over 700 ms.
+fn counter_goes_on() -> bool {
+    let first = counter();
+    sleep(Duration::from_millis(700));
+    counter() > first
+}
+
+/// [`ready`], and a kernel that can serve lazy pages.
+fn lazy_ready() -> bool {
+    if !ready() {
+        return false;
+    }
+    if !Path::new("/dev/userfaultfd").exists() {
+        println!("skipped: no /dev/userfaultfd on this kernel");
+        return false;
+    }
+    true
 }
 
 fn cgroup_dirs() -> Vec<PathBuf> {
@@ -426,10 +453,7 @@ fn terminal_container_sends_its_console_master_and_answers() {
         .restore("terminal", &extra)
         .output()
         .expect("restore runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
+    let pid = scratch.pid();
 
     let result = std::panic::catch_unwind(|| {
         assert!(
@@ -476,10 +500,7 @@ fn every_cgroups_mode_restores() {
             )
             .output()
             .expect("runs");
-        let pid: i32 = fs::read_to_string(scratch.path("pid"))
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(-1);
+        let pid = scratch.pid();
         let alive = Path::new(&format!("/proc/{pid}")).exists();
         destroy(pid, &scratch.path("state"));
         assert!(
@@ -508,10 +529,7 @@ fn empty_network_namespace_has_only_loopback() {
         )
         .output()
         .expect("runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
+    let pid = scratch.pid();
     let devices = fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
     let host = fs::read_link("/proc/self/ns/net").ok();
     let theirs = fs::read_link(format!("/proc/{pid}/ns/net")).ok();
@@ -972,13 +990,8 @@ fn auto_dedup_consumes_the_pages_it_restores() {
         .restore("dedup", &["-d", "--auto-dedup", "--pid-file", "pid"])
         .output()
         .expect("runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
-    let first = counter();
-    sleep(Duration::from_millis(700));
-    let running = counter() > first;
+    let pid = scratch.pid();
+    let running = counter_goes_on();
     destroy(pid, &scratch.path("state"));
 
     assert!(output.status.success(), "{}", stderr(&output));
@@ -993,11 +1006,7 @@ fn auto_dedup_consumes_the_pages_it_restores() {
 
 #[test]
 fn lazy_pages_are_served_by_a_lazy_pages_daemon() {
-    if !ready() {
-        return;
-    }
-    if !Path::new("/dev/userfaultfd").exists() {
-        println!("skipped: no /dev/userfaultfd on this kernel");
+    if !lazy_ready() {
         return;
     }
     let _serial = serial();
@@ -1026,13 +1035,8 @@ fn lazy_pages_are_served_by_a_lazy_pages_daemon() {
         .restore("lazy", &["-d", "--lazy-pages", "--pid-file", "pid"])
         .output()
         .expect("runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
-    let first = counter();
-    sleep(Duration::from_millis(700));
-    let running = counter() > first;
+    let pid = scratch.pid();
+    let running = counter_goes_on();
     // The daemon exits by itself once it has delivered every page.
     let deadline = Instant::now() + Duration::from_secs(10);
     let daemon_status = loop {
@@ -1283,10 +1287,7 @@ fn the_configs_resources_are_written_to_the_v1_cgroups() {
         )
         .output()
         .expect("runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
+    let pid = scratch.pid();
     let read = |controller: &str, file: &str| {
         fs::read_to_string(
             Path::new("/sys/fs/cgroup")
@@ -1307,9 +1308,7 @@ fn the_configs_resources_are_written_to_the_v1_cgroups() {
     ];
     let swap = read("memory", "memory.memsw.limit_in_bytes");
     let devices = read("devices", "devices.list");
-    let first = counter();
-    sleep(Duration::from_millis(700));
-    let running = counter() > first;
+    let running = counter_goes_on();
     destroy(pid, &scratch.path("state"));
 
     assert!(output.status.success(), "{}", stderr(&output));
@@ -1728,13 +1727,8 @@ fn lsm_labels_are_rewritten_into_a_shadow_and_the_originals_stay() {
         )
         .output()
         .expect("runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
-    let first = counter();
-    sleep(Duration::from_millis(700));
-    let running = counter() > first;
+    let pid = scratch.pid();
+    let running = counter_goes_on();
     let shadow_left = scratch.path("state/labelled/shadow-images").exists();
     destroy(pid, &scratch.path("state"));
 
@@ -1767,11 +1761,7 @@ fn lazy_daemons() -> Vec<i32> {
 
 #[test]
 fn lazy_pages_start_their_own_daemon_which_serves_and_exits() {
-    if !ready() {
-        return;
-    }
-    if !Path::new("/dev/userfaultfd").exists() {
-        println!("skipped: no /dev/userfaultfd on this kernel");
+    if !lazy_ready() {
         return;
     }
     let _serial = serial();
@@ -1780,13 +1770,8 @@ fn lazy_pages_start_their_own_daemon_which_serves_and_exits() {
         .restore("lazy-own", &["-d", "--lazy-pages", "--pid-file", "pid"])
         .output()
         .expect("runs");
-    let pid: i32 = fs::read_to_string(scratch.path("pid"))
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(-1);
-    let first = counter();
-    sleep(Duration::from_millis(700));
-    let running = counter() > first;
+    let pid = scratch.pid();
+    let running = counter_goes_on();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lazy_daemons().is_empty() && Instant::now() < deadline {
         sleep(Duration::from_millis(50));
@@ -1812,11 +1797,7 @@ fn lazy_pages_start_their_own_daemon_which_serves_and_exits() {
 
 #[test]
 fn a_lazy_pages_daemon_that_fails_stops_the_restore_cleanly() {
-    if !ready() {
-        return;
-    }
-    if !Path::new("/dev/userfaultfd").exists() {
-        println!("skipped: no /dev/userfaultfd on this kernel");
+    if !lazy_ready() {
         return;
     }
     let _serial = serial();
