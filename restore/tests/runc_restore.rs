@@ -391,6 +391,11 @@ fn failures_are_clear_and_leave_nothing_behind() {
         &["--empty-ns", "ipc"][..],
         &["--log-format", "xml"],
         &["--no-such-flag"],
+        &["--preload", "sometimes"],
+        &["--lazy-pages", "--page-server", "no-port-here"],
+        &["--lazy-pages", "--page-server", "host:99999"],
+        &["--page-server", "127.0.0.1:27000"],
+        &["--lsm-profile", "smack:x"],
     ] {
         let output = scratch.restore("broken", bad).output().expect("runs");
         assert_eq!(
@@ -1874,4 +1879,33 @@ fn a_lazy_pages_daemon_that_fails_stops_the_restore_cleanly() {
     assert!(!mounted_below(&scratch.path("state")), "no CRIU root");
     assert!(!mounted_below(&scratch.path("work")), "no cgroup yard");
     assert_eq!(cgroup_dirs(), Vec::<PathBuf>::new(), "no cgroups");
+}
+
+#[test]
+fn preloading_changes_nothing_of_the_restored_container() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new();
+    let output = scratch
+        .restore(
+            "preloaded",
+            &["-d", "--preload", "on", "--pid-file", "pid", "--debug"],
+        )
+        .output()
+        .expect("runs");
+    let pid = scratch.pid();
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let running = counter_goes_on();
+    destroy(pid, &scratch.path("state"));
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(comm.trim(), "sh");
+    assert!(running, "the container counts on as without preloading");
+    assert!(
+        stderr(&output).contains("preloading stopped"),
+        "{}",
+        stderr(&output)
+    );
 }
