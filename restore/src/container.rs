@@ -470,54 +470,12 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
         inherited_fds = request.opts.inherit_fd.len(),
         "starting CRIU"
     );
-    if options.lazy_pages && !LazyDaemon::listening(&work_dir) {
-        let daemon = LazyDaemon::start(
-            &options.criu,
-            &request.images_dir,
-            &work_dir,
-            options.page_server.as_ref(),
-        )?;
-        handler.lazy = Some(daemon.guard());
-        cleanup.lazy = Some(daemon);
-    }
     cleanup.work_dir = Some(work_dir.clone());
-    let preloader = Preloader::start(&request.images_dir, options.preload);
-    let outcome = criu.restore(&request, &mut handler);
-    if let Some(preloader) = preloader {
-        preloader.finish();
-    }
-    if let Some(guard) = &handler.lazy {
-        guard.done();
-    }
+    let restored = run_criu(options, &criu, &request, &mut handler, &existing, cleanup)?;
     if let Some(shadow) = &shadow {
         // CRIU is done with the images; only links and rewritten copies go.
         let _ = fs::remove_dir_all(shadow);
     }
-    cleanup.cgroups.append(&mut handler.created);
-    if handler.hooks_ran {
-        cleanup.poststop = Some((
-            container_hooks.poststop.clone(),
-            container_hooks.state.clone(),
-        ));
-    }
-    if strict {
-        // CRIU made them; they are the container's all the same.
-        cleanup.cgroups.extend(
-            cgroups
-                .existing()
-                .into_iter()
-                .filter(|d| !existing.contains(d)),
-        );
-    }
-    cleanup.pid = handler.pid;
-    let restored = match outcome {
-        Ok(restored) => restored,
-        // CRIU was stopped because its lazy-pages daemon died: the daemon's log says why.
-        Err(error) => match cleanup.lazy.as_ref().and_then(LazyDaemon::failure) {
-            Some(failure) => return Err(failure.into()),
-            None => return Err(error.into()),
-        },
-    };
     drop(namespaces);
     cleanup.release_root();
 
@@ -551,6 +509,65 @@ fn restore_steps(options: &Options, cleanup: &mut Cleanup) -> Result<i32, Restor
     cleanup.pid = None;
     cleanup.undo();
     Ok(status)
+}
+
+/// Runs CRIU's restore with what it needs beside it (a lazy-pages daemon of its own when
+/// none listens, preloading), and records in `cleanup` what the run left to undo: the
+/// cgroups made for it, the restored pid, the `poststop` hooks once `prestart` ran.
+fn run_criu(
+    options: &Options,
+    criu: &Criu,
+    request: &RestoreRequest,
+    handler: &mut Handler<'_>,
+    existing: &[PathBuf],
+    cleanup: &mut Cleanup,
+) -> Result<crate::rpc::Restored, RestoreError> {
+    let work_dir = request
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| request.images_dir.clone());
+    if options.lazy_pages && !LazyDaemon::listening(&work_dir) {
+        let daemon = LazyDaemon::start(
+            &options.criu,
+            &request.images_dir,
+            &work_dir,
+            options.page_server.as_ref(),
+        )?;
+        handler.lazy = Some(daemon.guard());
+        cleanup.lazy = Some(daemon);
+    }
+    let preloader = Preloader::start(&request.images_dir, options.preload);
+    let outcome = criu.restore(request, handler);
+    if let Some(preloader) = preloader {
+        preloader.finish();
+    }
+    if let Some(guard) = &handler.lazy {
+        guard.done();
+    }
+
+    cleanup.cgroups.append(&mut handler.created);
+    if handler.hooks_ran {
+        cleanup.poststop = Some((handler.hooks.poststop.clone(), handler.hooks.state.clone()));
+    }
+    if handler.strict {
+        // CRIU made them; they are the container's all the same.
+        cleanup.cgroups.extend(
+            handler
+                .cgroups
+                .existing()
+                .into_iter()
+                .filter(|d| !existing.contains(d)),
+        );
+    }
+    cleanup.pid = handler.pid;
+    match outcome {
+        Ok(restored) => Ok(restored),
+        // CRIU was stopped because its lazy-pages daemon died: the daemon's log says why.
+        Err(error) => match cleanup.lazy.as_ref().and_then(LazyDaemon::failure) {
+            Some(failure) => Err(failure.into()),
+            None => Err(error.into()),
+        },
+    }
 }
 
 /// Runs the checks of [`preflight`] and refuses with every error they found; warnings are
