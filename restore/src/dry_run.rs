@@ -97,10 +97,22 @@ pub fn plan(options: &Options) -> Result<DryRun, RestoreError> {
     }
 
     let (profile, context) = crate::container::lsm_options(options)?;
-    let rewrites = if profile.is_some() || context.is_some() {
-        crate::lsm::plan(&options.image_path, profile.as_ref(), context)?.changes
-    } else {
-        Vec::new()
+    // An image the rewrite cannot read is one more problem to report, beside the others.
+    let rewrites = match (&profile, context) {
+        (None, None) => Vec::new(),
+        _ => match crate::lsm::plan(&options.image_path, profile.as_ref(), context) {
+            Ok(plan) => plan.changes,
+            Err(error) => {
+                findings.push(Finding::error(
+                    "rewrite-impossible",
+                    options.image_path.display().to_string(),
+                    error_chain(&error),
+                    "fix the image named (copy the checkpoint again), or drop --lsm-profile \
+                     and --lsm-mount-context",
+                ));
+                Vec::new()
+            }
+        },
     };
 
     // A restore reads the rewritten images from the shadow, and only when there are some.

@@ -1659,6 +1659,18 @@ fn a_dry_run_reports_the_restore_and_changes_nothing() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("would refuse to restore"), "{text}");
     assert!(text.contains("image-corrupt (core-1.img)"), "{text}");
+
+    // The rewrite the LSM options need cannot read it either: one more finding, not an
+    // error that hides the others.
+    let output = scratch
+        .restore("dry", &["--dry-run", "--lsm-profile", "none:"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("image-corrupt (core-1.img)"), "{text}");
+    assert!(text.contains("rewrite-impossible"), "{text}");
 }
 
 #[test]
