@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use criu_images::validate::Severity;
+use criu_images::validate::{Report, Severity};
 use oci_spec::runtime::Spec;
 use restore::preflight::{Plan, check};
 
@@ -71,23 +71,29 @@ impl Bundle {
         self.spec = serde_json::from_value(json).expect("an edited spec");
     }
 
-    fn codes(&self, lazy_pages: bool, lsm: (Option<&str>, Option<&str>)) -> Vec<&'static str> {
+    /// The findings for a restore with `--auto-dedup` as given and the LSM options
+    /// (`--lsm-profile`, `--lsm-mount-context`).
+    fn report(&self, auto_dedup: bool, lsm: (Option<&str>, Option<&str>)) -> Report {
         let images = self.images();
         let rootfs = self.rootfs();
-        let report = check(&Plan {
+        check(&Plan {
             images: &images,
             spec: &self.spec,
             rootfs: &rootfs,
-            lazy_pages,
-            auto_dedup: false,
+            lazy_pages: false,
+            auto_dedup,
             lsm_profile: lsm.0,
             lsm_mount_context: lsm.1,
-        });
+        })
+    }
+
+    fn codes(&self, lsm: (Option<&str>, Option<&str>)) -> Vec<&'static str> {
+        let report = self.report(false, lsm);
         report.findings.iter().map(|f| f.code).collect()
     }
 
     fn default_codes(&self) -> Vec<&'static str> {
-        self.codes(false, (None, None))
+        self.codes((None, None))
     }
 }
 
@@ -150,23 +156,11 @@ fn an_lsm_this_host_lacks_is_refused_and_an_unused_context_is_a_warning() {
         return;
     }
     let profile = Some("selinux:system_u:system_r:container_t:s0");
-    assert_eq!(bundle.codes(false, (profile, None)), ["lsm-unavailable"]);
-    assert_eq!(
-        bundle.codes(false, (Some("none:"), None)),
-        Vec::<&str>::new()
-    );
+    assert_eq!(bundle.codes((profile, None)), ["lsm-unavailable"]);
+    assert_eq!(bundle.codes((Some("none:"), None)), Vec::<&str>::new());
 
-    let images = bundle.images();
-    let rootfs = bundle.rootfs();
-    let report = check(&Plan {
-        images: &images,
-        spec: &bundle.spec,
-        rootfs: &rootfs,
-        lazy_pages: false,
-        auto_dedup: false,
-        lsm_profile: None,
-        lsm_mount_context: Some("system_u:object_r:container_file_t:s0"),
-    });
+    let context = Some("system_u:object_r:container_file_t:s0");
+    let report = bundle.report(false, (None, context));
     let finding = &report.findings[0];
     assert_eq!(finding.code, "lsm-mount-context-unused");
     assert_eq!(finding.severity, Severity::Warning);
@@ -221,17 +215,7 @@ fn auto_dedup_is_a_warning_that_the_checkpoint_is_consumed() {
     let Some(bundle) = Bundle::new() else {
         return;
     };
-    let images = bundle.images();
-    let rootfs = bundle.rootfs();
-    let report = check(&Plan {
-        images: &images,
-        spec: &bundle.spec,
-        rootfs: &rootfs,
-        lazy_pages: false,
-        auto_dedup: true,
-        lsm_profile: None,
-        lsm_mount_context: None,
-    });
+    let report = bundle.report(true, (None, None));
     let codes: Vec<_> = report
         .findings
         .iter()
