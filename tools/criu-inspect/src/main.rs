@@ -97,7 +97,7 @@ enum Command {
         #[arg(long)]
         lazy_pages: bool,
         /// Page size of the dumping machine in bytes (default: the architecture's usual one).
-        #[arg(long)]
+        #[arg(long, value_parser = page_size)]
         page_size: Option<u64>,
         /// Also read every file in full: a CRC32 of each, in parallel.
         #[arg(long)]
@@ -127,7 +127,7 @@ enum Command {
         #[arg(long)]
         hexdump: bool,
         /// Page size of the dumping machine in bytes (default: the architecture's usual one).
-        #[arg(long)]
+        #[arg(long, value_parser = page_size)]
         page_size: Option<u64>,
     },
     /// Punch out of the parent dumps the pages this dump holds again (as `criu dedup`): file
@@ -147,7 +147,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Page size of the dumping machine in bytes (default: the architecture's usual one).
-        #[arg(long)]
+        #[arg(long, value_parser = page_size)]
         page_size: Option<u64>,
     },
 }
@@ -163,6 +163,22 @@ enum Explore {
     Mems,
     /// Dumped pages against mappings.
     Rss,
+}
+
+/// A `--page-size` value: a power of two of at least 4 KiB, as on every architecture CRIU
+/// supports. A wrong one would make every pagemap look broken, and blame the images for it.
+fn page_size(value: &str) -> Result<u64, String> {
+    let size: u64 = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not a number of bytes: {e}"))?;
+    if size >= 4096 && size.is_power_of_two() {
+        Ok(size)
+    } else {
+        Err(format!(
+            "page size {size} is not a power of two of at least 4096 bytes (4096 on x86_64 \
+             and most others, 65536 on ppc64)"
+        ))
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -241,3 +241,15 @@ fn a_manifest_is_written_then_verified_and_catches_a_changed_file() {
         .collect();
     assert_eq!(codes, ["manifest-mismatch"]);
 }
+
+#[test]
+fn a_page_size_that_is_none_is_a_usage_error() {
+    let dir = fixture();
+    for command in ["validate", "memparse"] {
+        for size in ["0", "1000", "12288", "four"] {
+            let (code, _, err) = run(&[command, "--page-size", size, dir.to_str().expect("utf-8")]);
+            assert_eq!(code, 2, "{command} --page-size {size}: {err}");
+            assert!(err.contains("--page-size"), "{err}");
+        }
+    }
+}
