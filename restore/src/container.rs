@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, IoSlice, Write as _};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use criu_images::validate::{Finding, Severity};
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
@@ -947,14 +946,8 @@ fn namespace_files(
         };
         let path = &path;
         let file = File::open(path).map_err(io_error("open the namespace", path))?;
-        // CRIU inherits the descriptor under the same number.
-        fcntl(file.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(|source| {
-            RestoreError::Sys {
-                doing: "pass on the namespace",
-                path: path.clone(),
-                source,
-            }
-        })?;
+        // CRIU inherits the descriptor under the same number; the RPC client passes it on to
+        // CRIU alone, so it stays close-on-exec here.
         opts.inherit_fd.push(InheritFd {
             key: key.to_owned(),
             fd: file.as_raw_fd(),

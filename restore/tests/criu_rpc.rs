@@ -154,10 +154,10 @@ fn restores_a_dumped_process_through_rpc() {
         .expect("criu dump runs");
     if !dumped.success() {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        panic!(
-            "criu dump failed; see {}",
-            images.join("dump.log").display()
-        );
+        // The images directory goes with the test, so its log's errors go in the message.
+        let log = fs::read_to_string(images.join("dump.log")).unwrap_or_default();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("Error")).collect();
+        panic!("criu dump failed: {}", errors.join("\n"));
     }
     // CRIU cannot restore a pid until the old process is gone.
     wait_gone(pid);

@@ -12,19 +12,22 @@
 
 pub mod messages;
 
+use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, posix_spawnp};
 use nix::sys::socket::{
     AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recv, recvmsg, send,
     socketpair,
 };
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
 use prost::Message as _;
 use thiserror::Error;
 
@@ -334,7 +337,7 @@ pub struct Criu {
 /// One `criu swrk` process and our end of its socket.
 struct Session {
     socket: OwnedFd,
-    child: Child,
+    pid: Pid,
     log: Option<PathBuf>,
 }
 
@@ -349,8 +352,24 @@ impl Criu {
         &self.path
     }
 
-    fn start(&self, log: Option<PathBuf>, inherit_stdio: bool) -> Result<Session, RpcError> {
+    /// Starts `criu swrk` with its end of a new socket pair, and the descriptors `keep`, at
+    /// the numbers they have here.
+    ///
+    /// No descriptor is ever made inheritable in this process: `posix_spawn` clears the
+    /// close-on-exec flag in the child alone. Clearing it here, even for a moment, would let
+    /// a process another thread starts meanwhile inherit CRIU's socket (and a process
+    /// holding CRIU's socket cannot be dumped: "External socket is used").
+    fn start(
+        &self,
+        log: Option<PathBuf>,
+        inherit_stdio: bool,
+        keep: &[RawFd],
+    ) -> Result<Session, RpcError> {
         let socket_error = |doing| move |source| RpcError::Socket { doing, source };
+        let spawn_error = |errno: Errno| RpcError::Spawn {
+            path: self.path.clone(),
+            source: std::io::Error::from(errno),
+        };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -358,24 +377,62 @@ impl Criu {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(socket_error("creating the socket pair"))?;
-        // CRIU's end must survive exec; ours must not leak into CRIU.
-        fcntl(theirs.as_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-            .map_err(socket_error("passing the socket to CRIU"))?;
 
-        let mut command = Command::new(&self.path);
-        command.arg("swrk").arg(theirs.as_raw_fd().to_string());
-        if !inherit_stdio {
-            command.stdin(Stdio::null()).stdout(Stdio::null());
+        let mut actions = PosixSpawnFileActions::init().map_err(spawn_error)?;
+        // A descriptor duplicated onto itself loses close-on-exec in the child only.
+        for fd in std::iter::once(theirs.as_raw_fd()).chain(keep.iter().copied()) {
+            actions.add_dup2(fd, fd).map_err(spawn_error)?;
         }
-        let child = command.spawn().map_err(|source| RpcError::Spawn {
-            path: self.path.clone(),
-            source,
-        })?;
+        // Opened close-on-exec here; CRIU gets it as its stdin and stdout.
+        let null = if inherit_stdio {
+            None
+        } else {
+            let null = File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map_err(|source| RpcError::Spawn {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            for fd in [0, 1] {
+                actions
+                    .add_dup2(null.as_raw_fd(), fd)
+                    .map_err(spawn_error)?;
+            }
+            Some(null)
+        };
+        let attr = PosixSpawnAttr::init().map_err(spawn_error)?;
+        let c_string = |bytes: &[u8]| {
+            CString::new(bytes).map_err(|_| RpcError::Spawn {
+                path: self.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a NUL byte in the command or its environment",
+                ),
+            })
+        };
+        let program = c_string(self.path.as_os_str().as_bytes())?;
+        let args = [
+            program.clone(),
+            c_string(b"swrk")?,
+            c_string(theirs.as_raw_fd().to_string().as_bytes())?,
+        ];
+        let env = std::env::vars_os()
+            .map(|(key, value)| {
+                let mut pair = key.into_vec();
+                pair.push(b'=');
+                pair.extend(value.into_vec());
+                c_string(&pair)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let pid = posix_spawnp(&program, &actions, &attr, &args, &env).map_err(spawn_error)?;
         // Our copy of CRIU's end is closed, so CRIU dying shows up as end of file here.
         drop(theirs);
+        drop(null);
         Ok(Session {
             socket: ours,
-            child,
+            pid,
             log,
         })
     }
@@ -386,7 +443,7 @@ impl Criu {
     ///
     /// CRIU missing or failing.
     pub fn version(&self) -> Result<Version, RpcError> {
-        let mut session = self.start(None, false)?;
+        let mut session = self.start(None, false, &[])?;
         let req = CriuReq {
             r#type: ReqType::Version as i32,
             ..Default::default()
@@ -430,7 +487,7 @@ impl Criu {
     ///
     /// CRIU missing or failing.
     pub fn check_features(&self, features: CriuFeatures) -> Result<CriuFeatures, RpcError> {
-        let mut session = self.start(None, false)?;
+        let mut session = self.start(None, false, &[])?;
         let req = CriuReq {
             r#type: ReqType::FeatureCheck as i32,
             features: Some(features),
@@ -472,11 +529,20 @@ impl Criu {
         opts.log_level = Some(request.log_level);
         opts.notify_scripts = Some(true);
 
+        // Descriptors CRIU is to inherit (namespaces) keep their numbers in CRIU; stdio is
+        // inherited anyway.
+        let keep: Vec<RawFd> = opts
+            .inherit_fd
+            .iter()
+            .map(|i| i.fd)
+            .filter(|&fd| fd > 2)
+            .collect();
         let mut session = self.start(
             Some(work_path.join(&request.log_file)),
             request.inherit_stdio,
+            &keep,
         )?;
-        if let Err(source) = handler.started(session.child.id()) {
+        if let Err(source) = handler.started(session.pid.as_raw().unsigned_abs()) {
             return Err(RpcError::Handler {
                 script: "start".into(),
                 source,
@@ -618,8 +684,18 @@ impl Session {
         }
     }
 
+    /// Waits for CRIU to exit (once: a second call finds no child and says so).
+    fn wait(&mut self) -> Result<WaitStatus, Errno> {
+        loop {
+            match waitpid(self.pid, None) {
+                Err(Errno::EINTR) => {}
+                other => return other,
+            }
+        }
+    }
+
     fn exited(&mut self) -> RpcError {
-        let status = self.child.wait().map_or_else(|e| e.to_string(), describe);
+        let status = self.wait().map_or_else(|e| e.to_string(), describe);
         RpcError::Exited {
             status,
             log: self.log.as_deref().and_then(LogExcerpt::read),
@@ -627,12 +703,11 @@ impl Session {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => status.to_string(),
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exit code {code}"),
+        WaitStatus::Signaled(_, signal, _) => format!("killed by signal {}", signal as i32),
+        other => format!("{other:?}"),
     }
 }
 
@@ -642,7 +717,7 @@ impl Drop for Session {
         // early) sees end of file once the socket is shut down, and exits too.
         let _ =
             nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        let _ = self.child.wait();
+        let _ = self.wait();
     }
 }
 
